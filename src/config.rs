@@ -1,0 +1,656 @@
+//! The configuration file (version 1): parsed into checked types in one step, so the rest of
+//! the program never sees a malformed account id, GUID or ARN. Every error names the file, the
+//! key and what was expected; a bad file changes nothing because nothing runs before this.
+
+use crate::model::{AccountId, Guid};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// Default Microsoft Graph base URL.
+pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com/v1.0";
+/// Default Microsoft identity platform URL.
+pub const DEFAULT_LOGIN_URL: &str = "https://login.microsoftonline.com";
+
+/// A configuration that could not be read or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or object could not be read at all.
+    #[error("{source_name}: cannot read the configuration: {message}")]
+    Read {
+        /// Where the configuration came from (path or s3:// URI).
+        source_name: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A key has a wrong value, type or is unknown.
+    #[error("{source_name}: {key}: {message}")]
+    Invalid {
+        /// Where the configuration came from (path, s3:// URI or environment).
+        source_name: String,
+        /// The key, as a path such as `assignments[0].accounts[1]`.
+        key: String,
+        /// What was expected and what was found.
+        message: String,
+    },
+}
+
+/// The whole configuration, checked.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Format version; only 1 exists.
+    pub version: u32,
+    /// Which Identity Center instance to manage.
+    #[serde(default)]
+    pub identity_center: IdentityCenterConfig,
+    /// The Entra tenant and app registration.
+    pub entra: EntraConfig,
+    /// Where the tool records ownership and runs.
+    pub state: StateConfig,
+    /// Limits that stop a run before it removes too much access.
+    #[serde(default)]
+    pub safety: SafetyConfig,
+    /// The assignment rules.
+    pub assignments: Vec<Rule>,
+}
+
+/// `identity_center:` section.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityCenterConfig {
+    /// Instance ARN; optional when the account has exactly one instance.
+    pub instance_arn: Option<InstanceArn>,
+    /// Identity store id; optional, taken from the instance.
+    pub identity_store_id: Option<IdentityStoreId>,
+}
+
+/// `entra:` section.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntraConfig {
+    /// Directory (tenant) id.
+    pub tenant_id: Guid,
+    /// Application (client) id of the app registration.
+    pub client_id: Guid,
+    /// Secrets Manager secret holding the client secret, when not in `ENTRA_CLIENT_SECRET`.
+    pub client_secret_arn: Option<SecretArn>,
+    /// Microsoft Graph base URL.
+    #[serde(default = "default_graph_url")]
+    pub graph_url: HttpUrl,
+    /// Microsoft identity platform base URL.
+    #[serde(default = "default_login_url")]
+    pub login_url: HttpUrl,
+}
+
+fn default_graph_url() -> HttpUrl {
+    HttpUrl(DEFAULT_GRAPH_URL.to_string())
+}
+
+fn default_login_url() -> HttpUrl {
+    HttpUrl(DEFAULT_LOGIN_URL.to_string())
+}
+
+/// `state:` section.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// DynamoDB table name.
+    pub table: TableName,
+}
+
+/// `safety:` section.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SafetyConfig {
+    /// A run that would delete more assignments than this deletes none.
+    #[serde(default = "default_max_deletions")]
+    pub max_deletions: u32,
+}
+
+fn default_max_deletions() -> u32 {
+    20
+}
+
+impl Default for SafetyConfig {
+    fn default() -> Self {
+        SafetyConfig {
+            max_deletions: default_max_deletions(),
+        }
+    }
+}
+
+/// One assignment rule: an Entra group gets a permission set in some accounts.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique rule name, shown in plans and recorded with what it created.
+    pub name: RuleName,
+    /// The Entra group, by display name or object id.
+    pub entra_group: GroupRef,
+    /// The permission set, by name or ARN.
+    pub permission_set: PermissionSetRef,
+    /// Target accounts.
+    pub accounts: Vec<AccountId>,
+    /// Whether to assign the provisioned group or each of its transitive members.
+    #[serde(default)]
+    pub assign: AssignMode,
+}
+
+/// How a rule turns an Entra group into Identity Center principals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AssignMode {
+    /// Assign the Identity Center group that SCIM provisioning created for the Entra group.
+    #[default]
+    Group,
+    /// Assign every transitive (nested) user member one by one.
+    Members,
+}
+
+/// Defines a string newtype checked by `check` on deserialisation.
+macro_rules! checked_string {
+    ($(#[$doc:meta])* $name:ident, $check:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// The checked value.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                let check: fn(&str) -> Result<(), String> = $check;
+                check(&s).map(|()| $name(s))
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+checked_string!(
+    /// An Identity Center instance ARN (`arn:aws:sso:::instance/ssoins-…`).
+    InstanceArn,
+    |s| check_arn(s, "sso", "instance/", "arn:aws:sso:::instance/ssoins-1234567890abcdef")
+);
+checked_string!(
+    /// A Secrets Manager secret ARN.
+    SecretArn,
+    |s| check_arn(
+        s,
+        "secretsmanager",
+        "secret:",
+        "arn:aws:secretsmanager:eu-west-1:111111111111:secret:name"
+    )
+);
+checked_string!(
+    /// An identity store id such as `d-1234567890`.
+    IdentityStoreId,
+    |s| {
+        if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            Ok(())
+        } else {
+            Err(format!("expected an identity store id such as d-1234567890, got {s:?}"))
+        }
+    }
+);
+checked_string!(
+    /// A DynamoDB table name.
+    TableName,
+    |s| {
+        if (3..=255).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "expected a DynamoDB table name (3-255 of A-Z a-z 0-9 _ . -), got {s:?}"
+            ))
+        }
+    }
+);
+checked_string!(
+    /// A rule name: letters, digits, `-`, `_` and `.`, at most 64.
+    RuleName,
+    |s| {
+        if (1..=64).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "expected a rule name of 1-64 letters, digits, '-', '_' or '.', got {s:?}"
+            ))
+        }
+    }
+);
+checked_string!(
+    /// An http(s) base URL. Plain http is accepted only for loopback hosts (tests, local stack),
+    /// so a client secret is never sent in clear over a network.
+    HttpUrl,
+    check_url
+);
+
+fn check_arn(s: &str, service: &str, resource_prefix: &str, example: &str) -> Result<(), String> {
+    let parts: Vec<&str> = s.splitn(6, ':').collect();
+    let ok = parts.len() == 6
+        && parts[0] == "arn"
+        && parts[1].starts_with("aws")
+        && parts[2] == service
+        && parts[5].len() > resource_prefix.len()
+        && parts[5].starts_with(resource_prefix)
+        && !s.chars().any(char::is_whitespace);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("expected an ARN such as {example}, got {s:?}"))
+    }
+}
+
+fn check_url(s: &str) -> Result<(), String> {
+    let url =
+        reqwest::Url::parse(s).map_err(|e| format!("expected an http(s) URL, got {s:?}: {e}"))?;
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err(format!(
+            "{s:?} must use https (plain http only for 127.0.0.1 / localhost)"
+        )),
+        other => Err(format!(
+            "expected an http(s) URL, got scheme {other:?} in {s:?}"
+        )),
+    }
+}
+
+/// An Entra group, named by object id or display name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum GroupRef {
+    /// The group's object id.
+    Id(Guid),
+    /// The group's display name (must match exactly one group).
+    Name(String),
+}
+
+impl TryFrom<String> for GroupRef {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if Guid::looks_like(&s) {
+            Guid::try_from(s).map(GroupRef::Id)
+        } else if s.trim().is_empty() {
+            Err("expected an Entra group display name or object id, got an empty string".into())
+        } else {
+            Ok(GroupRef::Name(s))
+        }
+    }
+}
+
+impl From<GroupRef> for String {
+    fn from(g: GroupRef) -> String {
+        match g {
+            GroupRef::Id(id) => id.into(),
+            GroupRef::Name(n) => n,
+        }
+    }
+}
+
+impl fmt::Display for GroupRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GroupRef::Id(id) => write!(f, "{id}"),
+            GroupRef::Name(n) => write!(f, "{n:?}"),
+        }
+    }
+}
+
+/// A permission set, named by name or ARN.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum PermissionSetRef {
+    /// The permission set ARN. AWS writes `arn:aws:sso:::permissionSet/ssoins-…/ps-…`; moto
+    /// writes `…:instance/ssoins-…/ps-…`, so the resource type is not checked.
+    Arn(String),
+    /// The permission set name.
+    Name(String),
+}
+
+impl TryFrom<String> for PermissionSetRef {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.starts_with("arn:") {
+            let parts: Vec<&str> = s.splitn(6, ':').collect();
+            let resource_ok = parts
+                .get(5)
+                .map(|r| {
+                    r.split('/')
+                        .any(|seg| seg.starts_with("ps-") && seg.len() > 3)
+                })
+                .unwrap_or(false);
+            if parts.len() == 6 && parts[2] == "sso" && resource_ok {
+                Ok(PermissionSetRef::Arn(s))
+            } else {
+                Err(format!(
+                    "expected a permission set ARN such as arn:aws:sso:::permissionSet/ssoins-1234567890abcdef/ps-1234567890abcdef, got {s:?}"
+                ))
+            }
+        } else if (1..=32).contains(&s.len())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+=,.@-_".contains(c))
+        {
+            Ok(PermissionSetRef::Name(s))
+        } else {
+            Err(format!(
+                "expected a permission set name (1-32 of A-Z a-z 0-9 + = , . @ - _) or ARN, got {s:?}"
+            ))
+        }
+    }
+}
+
+impl From<PermissionSetRef> for String {
+    fn from(p: PermissionSetRef) -> String {
+        match p {
+            PermissionSetRef::Arn(s) | PermissionSetRef::Name(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for PermissionSetRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PermissionSetRef::Arn(s) | PermissionSetRef::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and checks a configuration. `source_name` (a path or URI) goes into every error.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            source_name: source_name.to_string(),
+            key,
+            message,
+        };
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(top level)".to_string()
+            } else {
+                key
+            };
+            invalid(key, e.into_inner().to_string())
+        })?;
+
+        if config.version != 1 {
+            return Err(invalid(
+                "version".into(),
+                format!("expected 1, got {}", config.version),
+            ));
+        }
+        if config.assignments.is_empty() {
+            return Err(invalid(
+                "assignments".into(),
+                "expected at least one assignment rule, got an empty list".into(),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, rule) in config.assignments.iter().enumerate() {
+            if !names.insert(rule.name.as_str()) {
+                return Err(invalid(
+                    format!("assignments[{i}].name"),
+                    format!("duplicate rule name {:?}", rule.name.as_str()),
+                ));
+            }
+            if rule.accounts.is_empty() {
+                return Err(invalid(
+                    format!("assignments[{i}].accounts"),
+                    "expected at least one account id".into(),
+                ));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Applies the environment overrides `ENTRA_GRAPH_URL`, `ENTRA_LOGIN_URL` and `STATE_TABLE`
+    /// (used by tests and the Lambda). `lookup` reads a variable; it is a parameter so tests do
+    /// not have to mutate the process environment.
+    pub fn apply_env_overrides(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        fn set<T: TryFrom<String, Error = String>>(
+            name: &str,
+            value: Option<String>,
+            slot: &mut T,
+        ) -> Result<(), ConfigError> {
+            if let Some(v) = value.filter(|v| !v.is_empty()) {
+                *slot = T::try_from(v).map_err(|message| ConfigError::Invalid {
+                    source_name: "environment".into(),
+                    key: name.into(),
+                    message,
+                })?;
+            }
+            Ok(())
+        }
+        set(
+            "ENTRA_GRAPH_URL",
+            lookup("ENTRA_GRAPH_URL"),
+            &mut self.entra.graph_url,
+        )?;
+        set(
+            "ENTRA_LOGIN_URL",
+            lookup("ENTRA_LOGIN_URL"),
+            &mut self.entra.login_url,
+        )?;
+        set("STATE_TABLE", lookup("STATE_TABLE"), &mut self.state.table)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+version: 1
+identity_center:
+  instance_arn: arn:aws:sso:::instance/ssoins-1234567890abcdef
+  identity_store_id: d-1234567890
+entra:
+  tenant_id: 11111111-2222-3333-4444-555555555555
+  client_id: 66666666-7777-8888-9999-000000000000
+  client_secret_arn: arn:aws:secretsmanager:eu-west-1:111111111111:secret:entra-sso-sync
+state:
+  table: entra-sso-sync-state
+safety:
+  max_deletions: 20
+assignments:
+  - name: platform-admins
+    entra_group: AWS Platform Admins
+    permission_set: AdministratorAccess
+    accounts: ["111111111111", "222222222222"]
+    assign: group
+  - name: devs
+    entra_group: aaaaaaaa-bbbb-cccc-dddd-000000000001
+    permission_set: arn:aws:sso:::permissionSet/ssoins-1234567890abcdef/ps-1234567890abcdef
+    accounts: ["012345678901"]
+    assign: members
+"#;
+
+    fn err(text: &str) -> (String, String) {
+        match Config::parse(text, "c.yaml") {
+            Err(ConfigError::Invalid {
+                source_name,
+                key,
+                message,
+            }) => {
+                assert_eq!(source_name, "c.yaml");
+                (key, message)
+            }
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_documented_example_parses_with_defaults() {
+        let c = Config::parse(VALID, "c.yaml").unwrap();
+        assert_eq!(c.assignments.len(), 2);
+        assert_eq!(c.entra.graph_url.as_str(), DEFAULT_GRAPH_URL);
+        assert_eq!(c.entra.login_url.as_str(), DEFAULT_LOGIN_URL);
+        assert_eq!(c.assignments[0].assign, AssignMode::Group);
+        assert_eq!(
+            c.assignments[0].entra_group,
+            GroupRef::Name("AWS Platform Admins".into())
+        );
+        assert!(matches!(c.assignments[1].entra_group, GroupRef::Id(_)));
+        assert!(matches!(
+            c.assignments[1].permission_set,
+            PermissionSetRef::Arn(_)
+        ));
+        assert_eq!(c.assignments[1].accounts[0].as_str(), "012345678901");
+        assert_eq!(c.assignments[1].assign, AssignMode::Members);
+    }
+
+    #[test]
+    fn optional_sections_default() {
+        let text = VALID
+            .replace("safety:\n  max_deletions: 20\n", "")
+            .replace(
+                "identity_center:\n  instance_arn: arn:aws:sso:::instance/ssoins-1234567890abcdef\n  identity_store_id: d-1234567890\n",
+                "",
+            );
+        let c = Config::parse(&text, "c.yaml").unwrap();
+        assert_eq!(c.safety.max_deletions, 20);
+        assert!(c.identity_center.instance_arn.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let (key, message) = err(&VALID.replace("  max_deletions: 20", "  max_deletion: 20"));
+        assert!(key.starts_with("safety"), "{key}");
+        assert!(
+            message.contains("unknown field `max_deletion`"),
+            "{message}"
+        );
+        let (key, _) = err(&VALID.replace("    assign: group", "    asign: group"));
+        assert!(key.starts_with("assignments[0]"), "{key}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let (key, message) = err(&VALID.replace("max_deletions: 20", "max_deletions: many"));
+        assert_eq!(key, "safety.max_deletions");
+        assert!(message.contains("invalid type"), "{message}");
+        let (key, _) = err(&VALID.replace("    assign: group", "    assign: everyone"));
+        assert_eq!(key, "assignments[0].assign");
+    }
+
+    #[test]
+    fn malformed_identifiers_are_named() {
+        let cases = [
+            (
+                "\"222222222222\"",
+                "\"22222222222\"",
+                "assignments[0].accounts[1]",
+                "12-digit",
+            ),
+            (
+                "11111111-2222-3333-4444-555555555555",
+                "not-a-guid",
+                "entra.tenant_id",
+                "GUID",
+            ),
+            (
+                "arn:aws:sso:::instance/ssoins-1234567890abcdef",
+                "arn:aws:s3:::bucket",
+                "identity_center.instance_arn",
+                "ARN",
+            ),
+            (
+                "arn:aws:secretsmanager:eu-west-1:111111111111:secret:entra-sso-sync",
+                "my-secret",
+                "entra.client_secret_arn",
+                "ARN",
+            ),
+            (
+                "arn:aws:sso:::permissionSet/ssoins-1234567890abcdef/ps-1234567890abcdef",
+                "arn:aws:sso:::permissionSet/oops",
+                "assignments[1].permission_set",
+                "permission set ARN",
+            ),
+        ];
+        for (from, to, want_key, want_msg) in cases {
+            let (key, message) = err(&VALID.replace(from, to));
+            assert_eq!(key, want_key, "{to}");
+            assert!(message.contains(want_msg), "{to}: {message}");
+        }
+    }
+
+    #[test]
+    fn empty_and_duplicate_rules_are_rejected() {
+        let head = VALID.split("assignments:").next().unwrap();
+        let (key, message) = err(&format!("{head}assignments: []\n"));
+        assert_eq!(key, "assignments");
+        assert!(message.contains("at least one"), "{message}");
+
+        let (key, message) = err(&VALID.replace("name: devs", "name: platform-admins"));
+        assert_eq!(key, "assignments[1].name");
+        assert!(message.contains("duplicate"), "{message}");
+    }
+
+    #[test]
+    fn version_and_plain_http_are_checked() {
+        let (key, _) = err(&VALID.replace("version: 1", "version: 2"));
+        assert_eq!(key, "version");
+        let (key, message) = err(&VALID.replace(
+            "  client_id: 66666666-7777-8888-9999-000000000000",
+            "  client_id: 66666666-7777-8888-9999-000000000000\n  graph_url: http://graph.example.com/v1.0",
+        ));
+        assert_eq!(key, "entra.graph_url");
+        assert!(message.contains("https"), "{message}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for text in ["", "[", "version: [1", "- a\n- b", "\u{0}"] {
+            assert!(Config::parse(text, "c.yaml").is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_apply_and_are_checked() {
+        let mut c = Config::parse(VALID, "c.yaml").unwrap();
+        c.apply_env_overrides(|k| match k {
+            "ENTRA_GRAPH_URL" => Some("http://127.0.0.1:9/v1.0".into()),
+            "STATE_TABLE" => Some("other-table".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.entra.graph_url.as_str(), "http://127.0.0.1:9/v1.0");
+        assert_eq!(c.entra.login_url.as_str(), DEFAULT_LOGIN_URL);
+        assert_eq!(c.state.table.as_str(), "other-table");
+
+        let e = c
+            .apply_env_overrides(|k| (k == "STATE_TABLE").then(|| "x".to_string()))
+            .unwrap_err();
+        assert!(e.to_string().contains("STATE_TABLE"), "{e}");
+    }
+}

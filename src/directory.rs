@@ -1,0 +1,527 @@
+//! Microsoft Entra, read through Microsoft Graph: groups by name or id, and their transitive
+//! user members. The [`Directory`] trait is what the engine needs; [`GraphClient`] is the
+//! production adapter (app-only client-credentials token, paging, `Retry-After`).
+//!
+//! A read either returns the complete answer or fails: a page that still fails after its
+//! retries fails the whole read, so the engine never plans from a partial member list.
+
+use crate::model::{Guid, Secret};
+use crate::retry::Backoff;
+use async_trait::async_trait;
+use reqwest::{StatusCode, Url};
+use serde::Deserialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// An Entra group.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DirGroup {
+    /// Object id.
+    pub id: String,
+    /// Display name (not unique in Entra).
+    pub display_name: String,
+}
+
+/// An Entra user.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DirUser {
+    /// Object id (SCIM's default externalId).
+    pub id: String,
+    /// User principal name (SCIM's default userName).
+    pub user_principal_name: String,
+    /// Display name.
+    pub display_name: String,
+    /// Whether the account can sign in.
+    pub account_enabled: bool,
+}
+
+/// A failed directory read.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// The token endpoint refused the app's credentials.
+    #[error("Entra token request failed ({status}): {detail}")]
+    Auth {
+        /// HTTP status.
+        status: u16,
+        /// The identity platform's error code and description (never the secret).
+        detail: String,
+    },
+    /// Graph answered with an error, after retries where it was transient.
+    #[error("Graph {what} failed with HTTP {status}{}: {message}", code.as_deref().map(|c| format!(" {c}")).unwrap_or_default())]
+    Http {
+        /// Which read, e.g. `GET /groups/{id}/transitiveMembers page 3`.
+        what: String,
+        /// HTTP status.
+        status: u16,
+        /// Graph's error code, when it sent one.
+        code: Option<String>,
+        /// Graph's message.
+        message: String,
+    },
+    /// The request did not get an answer.
+    #[error("Graph {what} could not be sent: {message}")]
+    Network {
+        /// Which read.
+        what: String,
+        /// The transport error.
+        message: String,
+    },
+    /// Graph answered something that is not the JSON it documents.
+    #[error("Graph {what} returned a malformed response: {message}")]
+    Malformed {
+        /// Which read.
+        what: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// What the engine needs from the directory.
+#[async_trait]
+pub trait Directory: Send + Sync {
+    /// Every group whose display name is `name` (Entra names are not unique).
+    async fn groups_by_name(&self, name: &str) -> Result<Vec<DirGroup>, DirectoryError>;
+    /// The group with this object id, or `None` when it does not exist.
+    async fn group(&self, id: &Guid) -> Result<Option<DirGroup>, DirectoryError>;
+    /// Every user who is a member of the group directly or through nested groups, each once.
+    async fn transitive_users(&self, group_id: &str) -> Result<Vec<DirUser>, DirectoryError>;
+    /// Requests sent so far (for the run report).
+    fn calls(&self) -> u64;
+}
+
+/// How to reach Graph.
+#[derive(Clone, Debug)]
+pub struct GraphSettings {
+    /// Graph base URL, e.g. `https://graph.microsoft.com/v1.0`.
+    pub graph_url: String,
+    /// Identity platform base URL, e.g. `https://login.microsoftonline.com`.
+    pub login_url: String,
+    /// Tenant id.
+    pub tenant_id: Guid,
+    /// App registration's client id.
+    pub client_id: Guid,
+    /// App registration's client secret.
+    pub client_secret: Secret,
+    /// Retry policy for 429 / 5xx / network failures.
+    pub backoff: Backoff,
+}
+
+/// The production [`Directory`]: Microsoft Graph over HTTPS.
+pub struct GraphClient {
+    http: reqwest::Client,
+    settings: GraphSettings,
+    base: Url,
+    token: tokio::sync::Mutex<Option<(Secret, Instant)>>,
+    calls: AtomicU64,
+}
+
+/// Graph's page size ceiling for member listings.
+const PAGE_SIZE: &str = "999";
+const USER_FIELDS: &str = "id,userPrincipalName,displayName,accountEnabled";
+/// Refresh the token this long before Entra says it expires.
+const TOKEN_MARGIN: Duration = Duration::from_secs(300);
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: u64,
+}
+
+#[derive(Deserialize)]
+struct Page<T> {
+    value: Vec<T>,
+    #[serde(rename = "@odata.nextLink")]
+    next_link: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GraphGroup {
+    id: String,
+    display_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GraphUser {
+    id: String,
+    user_principal_name: String,
+    display_name: Option<String>,
+    account_enabled: Option<bool>,
+}
+
+impl GraphClient {
+    /// Builds the client. Fails only on an unusable base URL.
+    pub fn new(settings: GraphSettings) -> Result<GraphClient, DirectoryError> {
+        let malformed = |message: String| DirectoryError::Malformed {
+            what: "configuration".into(),
+            message,
+        };
+        let base = Url::parse(settings.graph_url.trim_end_matches('/'))
+            .map_err(|e| malformed(format!("graph_url {:?}: {e}", settings.graph_url)))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("entra-sso-sync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| malformed(format!("HTTP client: {e}")))?;
+        Ok(GraphClient {
+            http,
+            settings,
+            base,
+            token: tokio::sync::Mutex::new(None),
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// A cached app-only token, fetched again shortly before it expires or after a 401.
+    async fn token(&self, force: bool) -> Result<Secret, DirectoryError> {
+        let mut cached = self.token.lock().await;
+        if let Some((token, expires)) = cached.as_ref() {
+            if !force && Instant::now() + TOKEN_MARGIN < *expires {
+                return Ok(token.clone());
+            }
+        }
+        let url = format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.settings.login_url.trim_end_matches('/'),
+            self.settings.tenant_id
+        );
+        let form = [
+            ("client_id", self.settings.client_id.as_str()),
+            ("client_secret", self.settings.client_secret.expose()),
+            ("scope", "https://graph.microsoft.com/.default"),
+            ("grant_type", "client_credentials"),
+        ];
+        let what = "token request";
+        let resp = self
+            .send_with_retry(what, || self.http.post(&url).form(&form))
+            .await?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| DirectoryError::Network {
+            what: what.into(),
+            message: e.without_url().to_string(),
+        })?;
+        if !status.is_success() {
+            return Err(DirectoryError::Auth {
+                status: status.as_u16(),
+                detail: token_error_detail(&body),
+            });
+        }
+        let parsed: TokenResponse =
+            serde_json::from_str(&body).map_err(|e| DirectoryError::Malformed {
+                what: what.into(),
+                message: e.to_string(),
+            })?;
+        let token = Secret::new(parsed.access_token);
+        *cached = Some((
+            token.clone(),
+            Instant::now() + Duration::from_secs(parsed.expires_in),
+        ));
+        Ok(token)
+    }
+
+    /// Sends a request, retrying 429, 5xx and transport failures with backoff and
+    /// `Retry-After`. Returns the last response (success or not) or the transport error.
+    async fn send_with_retry(
+        &self,
+        what: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, DirectoryError> {
+        let backoff = self.settings.backoff;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            let result = build().send().await;
+            let retry_after = match &result {
+                Ok(resp) if is_transient(resp.status()) => Some(retry_after(resp)),
+                Ok(_) => None,
+                Err(_) => Some(None),
+            };
+            match retry_after {
+                Some(after) if attempt < backoff.max_attempts => {
+                    let delay = backoff.delay(attempt - 1, after);
+                    tracing::warn!(
+                        what,
+                        attempt,
+                        delay_ms = delay.as_millis() as u64,
+                        "Graph request failed transiently; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                _ => {
+                    return result.map_err(|e| DirectoryError::Network {
+                        what: what.into(),
+                        message: e.without_url().to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// GETs a Graph URL as JSON, with the bearer token (refreshed once on 401).
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &Url,
+        what: &str,
+        advanced: bool,
+    ) -> Result<Option<T>, DirectoryError> {
+        let mut refreshed = false;
+        loop {
+            let token = self.token(refreshed).await?;
+            let resp = self
+                .send_with_retry(what, || {
+                    let req = self.http.get(url.clone()).bearer_auth(token.expose());
+                    if advanced {
+                        req.header("ConsistencyLevel", "eventual")
+                    } else {
+                        req
+                    }
+                })
+                .await?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !refreshed {
+                refreshed = true;
+                continue;
+            }
+            let body = resp.bytes().await.map_err(|e| DirectoryError::Network {
+                what: what.into(),
+                message: e.without_url().to_string(),
+            })?;
+            if status == StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                let (code, message) = graph_error(&body);
+                return Err(DirectoryError::Http {
+                    what: what.into(),
+                    status: status.as_u16(),
+                    code,
+                    message,
+                });
+            }
+            return serde_json::from_slice(&body).map(Some).map_err(|e| {
+                DirectoryError::Malformed {
+                    what: what.into(),
+                    message: e.to_string(),
+                }
+            });
+        }
+    }
+
+    /// Reads every page of a collection, following `@odata.nextLink` to the end.
+    async fn get_all<T: serde::de::DeserializeOwned>(
+        &self,
+        first: Url,
+        what: &str,
+        advanced: bool,
+    ) -> Result<Option<Vec<T>>, DirectoryError> {
+        let mut out = Vec::new();
+        let mut next = Some(first);
+        let mut page_no = 0;
+        while let Some(url) = next.take() {
+            page_no += 1;
+            let page_what = format!("{what} page {page_no}");
+            let Some(page) = self.get::<Page<T>>(&url, &page_what, advanced).await? else {
+                if page_no == 1 {
+                    return Ok(None);
+                }
+                return Err(DirectoryError::Http {
+                    what: page_what,
+                    status: 404,
+                    code: None,
+                    message: "a later page disappeared while paging".into(),
+                });
+            };
+            out.extend(page.value);
+            if let Some(link) = page.next_link {
+                next = Some(self.checked_next_link(&link, &page_what)?);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// A nextLink must point back at the configured Graph host: the bearer token goes with it.
+    fn checked_next_link(&self, link: &str, what: &str) -> Result<Url, DirectoryError> {
+        let url = Url::parse(link).map_err(|e| DirectoryError::Malformed {
+            what: what.into(),
+            message: format!("@odata.nextLink is not a URL: {e}"),
+        })?;
+        if url.origin() != self.base.origin() {
+            return Err(DirectoryError::Malformed {
+                what: what.into(),
+                message: format!(
+                    "@odata.nextLink points at {}, not at the configured Graph host",
+                    url.origin().ascii_serialization()
+                ),
+            });
+        }
+        Ok(url)
+    }
+
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> Url {
+        let mut url = self.base.clone();
+        url.set_path(&format!(
+            "{}{}",
+            self.base.path().trim_end_matches('/'),
+            path
+        ));
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url
+    }
+}
+
+#[async_trait]
+impl Directory for GraphClient {
+    async fn groups_by_name(&self, name: &str) -> Result<Vec<DirGroup>, DirectoryError> {
+        let filter = format!("displayName eq '{}'", name.replace('\'', "''"));
+        let url = self.url(
+            "/groups",
+            &[("$filter", &filter), ("$select", "id,displayName")],
+        );
+        let groups: Vec<GraphGroup> = self
+            .get_all(url, "GET /groups?$filter=displayName", false)
+            .await?
+            .unwrap_or_default();
+        Ok(groups.into_iter().map(into_group).collect())
+    }
+
+    async fn group(&self, id: &Guid) -> Result<Option<DirGroup>, DirectoryError> {
+        let url = self.url(&format!("/groups/{id}"), &[("$select", "id,displayName")]);
+        let g: Option<GraphGroup> = self.get(&url, &format!("GET /groups/{id}"), false).await?;
+        Ok(g.map(into_group))
+    }
+
+    async fn transitive_users(&self, group_id: &str) -> Result<Vec<DirUser>, DirectoryError> {
+        let path = format!("/groups/{group_id}/transitiveMembers/microsoft.graph.user");
+        let url = self.url(
+            &path,
+            &[
+                ("$select", USER_FIELDS),
+                ("$top", PAGE_SIZE),
+                ("$count", "true"),
+            ],
+        );
+        let what = format!("GET /groups/{group_id}/transitiveMembers");
+        let users: Vec<GraphUser> =
+            self.get_all(url, &what, true)
+                .await?
+                .ok_or_else(|| DirectoryError::Http {
+                    what: what.clone(),
+                    status: 404,
+                    code: Some("Request_ResourceNotFound".into()),
+                    message: format!("group {group_id} does not exist"),
+                })?;
+        let mut seen = std::collections::BTreeSet::new();
+        Ok(users
+            .into_iter()
+            .filter(|u| seen.insert(u.id.clone()))
+            .map(|u| DirUser {
+                display_name: u.display_name.unwrap_or_default(),
+                account_enabled: u.account_enabled.unwrap_or(true),
+                id: u.id,
+                user_principal_name: u.user_principal_name,
+            })
+            .collect())
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
+fn into_group(g: GraphGroup) -> DirGroup {
+    DirGroup {
+        display_name: g.display_name.unwrap_or_default(),
+        id: g.id,
+    }
+}
+
+fn is_transient(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    resp.headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// Graph's `{"error":{"code","message"}}`, or the first bytes of whatever came instead.
+fn graph_error(body: &[u8]) -> (Option<String>, String) {
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    match serde_json::from_slice::<Envelope>(body) {
+        Ok(e) => (e.error.code, e.error.message.unwrap_or_default()),
+        Err(_) => (None, snippet(body)),
+    }
+}
+
+/// The identity platform's `error` and `error_description`; never echoes the request.
+fn token_error_detail(body: &str) -> String {
+    #[derive(Deserialize)]
+    struct TokenError {
+        error: Option<String>,
+        error_description: Option<String>,
+    }
+    match serde_json::from_str::<TokenError>(body) {
+        Ok(e) => format!(
+            "{}: {}",
+            e.error.unwrap_or_default(),
+            e.error_description
+                .unwrap_or_default()
+                .lines()
+                .next()
+                .unwrap_or_default()
+        ),
+        Err(_) => snippet(body.as_bytes()),
+    }
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut s: String = text.chars().take(200).collect();
+    if text.chars().count() > 200 {
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn graph_errors_are_read_from_the_envelope_or_summarised() {
+        let (code, msg) =
+            graph_error(br#"{"error":{"code":"Request_ResourceNotFound","message":"gone"}}"#);
+        assert_eq!(code.as_deref(), Some("Request_ResourceNotFound"));
+        assert_eq!(msg, "gone");
+        let (code, msg) = graph_error(&[b'x'; 500]);
+        assert!(code.is_none());
+        assert_eq!(msg.chars().count(), 201);
+    }
+
+    #[test]
+    fn token_errors_keep_only_the_first_line_of_the_description() {
+        let d = token_error_detail(
+            r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret.\r\nTrace ID: x"}"#,
+        );
+        assert_eq!(d, "invalid_client: AADSTS7000215: Invalid client secret.");
+    }
+}

@@ -1,0 +1,365 @@
+//! The Identity Center identity store: finding the users and groups that Entra's SCIM
+//! provisioning created. [`IdentityStore`] is the engine's view; [`SdkIdentityStore`] wraps
+//! `aws-sdk-identitystore`; [`resolve`] turns Entra objects into identity-store ids with the
+//! cheaper of bulk listing and one look-up per principal.
+
+use crate::aws::AwsError;
+use async_trait::async_trait;
+use aws_sdk_identitystore::types::{AlternateIdentifier, UniqueAttribute};
+use aws_smithy_types::Document;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A user or group as the identity store lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreEntry {
+    /// Identity-store id.
+    pub id: String,
+    /// `userName` for a user, `displayName` for a group.
+    pub name: String,
+    /// The `Id`s of its external ids (SCIM sets the Entra object id; the issuer is not
+    /// documented, so only the id is compared).
+    pub external_ids: Vec<String>,
+}
+
+/// Users or groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Users, keyed by `userName`.
+    User,
+    /// Groups, keyed by `displayName`.
+    Group,
+}
+
+/// What the engine needs from the identity store.
+#[async_trait]
+pub trait IdentityStore: Send + Sync {
+    /// The id of the user with this `userName` or group with this `displayName`.
+    async fn find(&self, kind: Kind, name: &str) -> Result<Option<String>, AwsError>;
+    /// Every user or group of the store (paged to the end).
+    async fn list(&self, kind: Kind) -> Result<Vec<StoreEntry>, AwsError>;
+    /// Requests sent so far.
+    fn calls(&self) -> u64;
+}
+
+/// The production [`IdentityStore`].
+pub struct SdkIdentityStore {
+    client: aws_sdk_identitystore::Client,
+    store_id: String,
+    calls: AtomicU64,
+}
+
+impl SdkIdentityStore {
+    /// Wraps a client for one identity store.
+    pub fn new(client: aws_sdk_identitystore::Client, store_id: String) -> Self {
+        SdkIdentityStore {
+            client,
+            store_id,
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    fn count(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+const SERVICE: &str = "identitystore";
+
+fn is_not_found(e: &AwsError) -> bool {
+    e.code() == Some("ResourceNotFoundException")
+}
+
+#[async_trait]
+impl IdentityStore for SdkIdentityStore {
+    async fn find(&self, kind: Kind, name: &str) -> Result<Option<String>, AwsError> {
+        let (path, op) = match kind {
+            Kind::User => ("userName", "GetUserId"),
+            Kind::Group => ("displayName", "GetGroupId"),
+        };
+        let alt = AlternateIdentifier::UniqueAttribute(
+            UniqueAttribute::builder()
+                .attribute_path(path)
+                .attribute_value(Document::String(name.to_string()))
+                .build()
+                .map_err(|e| AwsError::malformed(SERVICE, op, e.to_string()))?,
+        );
+        self.count();
+        let result = match kind {
+            Kind::User => self
+                .client
+                .get_user_id()
+                .identity_store_id(&self.store_id)
+                .alternate_identifier(alt)
+                .send()
+                .await
+                .map(|o| o.user_id)
+                .map_err(|e| AwsError::sdk(SERVICE, op, e)),
+            Kind::Group => self
+                .client
+                .get_group_id()
+                .identity_store_id(&self.store_id)
+                .alternate_identifier(alt)
+                .send()
+                .await
+                .map(|o| o.group_id)
+                .map_err(|e| AwsError::sdk(SERVICE, op, e)),
+        };
+        match result {
+            Ok(id) => Ok(Some(id)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list(&self, kind: Kind) -> Result<Vec<StoreEntry>, AwsError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.count();
+            let next = match kind {
+                Kind::User => {
+                    let page = self
+                        .client
+                        .list_users()
+                        .identity_store_id(&self.store_id)
+                        .max_results(100)
+                        .set_next_token(token.take())
+                        .send()
+                        .await
+                        .map_err(|e| AwsError::sdk(SERVICE, "ListUsers", e))?;
+                    for u in page.users {
+                        out.push(StoreEntry {
+                            name: u.user_name.unwrap_or_default(),
+                            external_ids: u
+                                .external_ids
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|x| x.id)
+                                .collect(),
+                            id: u.user_id,
+                        });
+                    }
+                    page.next_token
+                }
+                Kind::Group => {
+                    let page = self
+                        .client
+                        .list_groups()
+                        .identity_store_id(&self.store_id)
+                        .max_results(100)
+                        .set_next_token(token.take())
+                        .send()
+                        .await
+                        .map_err(|e| AwsError::sdk(SERVICE, "ListGroups", e))?;
+                    for g in page.groups {
+                        out.push(StoreEntry {
+                            name: g.display_name.unwrap_or_default(),
+                            external_ids: g
+                                .external_ids
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|x| x.id)
+                                .collect(),
+                            id: g.group_id,
+                        });
+                    }
+                    page.next_token
+                }
+            };
+            match next.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
+/// An Entra object to find in the identity store.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Wanted {
+    /// Entra object id (matched against external ids).
+    pub entra_id: String,
+    /// `userPrincipalName` for users, `displayName` for groups.
+    pub name: String,
+}
+
+/// How to resolve: list the whole store, or look each principal up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// `ListUsers` / `ListGroups` to the end, then match locally.
+    Bulk,
+    /// One `GetUserId` / `GetGroupId` per principal.
+    Lookup,
+}
+
+/// Users or groups a list page holds.
+const LIST_PAGE: usize = 100;
+
+impl Strategy {
+    /// The strategy with fewer calls: a look-up costs one call per principal, a listing one
+    /// call per 100 entries of the store. Without a known store size, assume listing pays off
+    /// from one page's worth of principals.
+    pub fn choose(wanted: usize, store_size_hint: Option<usize>) -> Strategy {
+        let list_calls = store_size_hint.map_or(1, |n| n.div_ceil(LIST_PAGE).max(1));
+        let threshold = store_size_hint.map_or(LIST_PAGE, |_| list_calls);
+        if wanted > threshold {
+            Strategy::Bulk
+        } else {
+            Strategy::Lookup
+        }
+    }
+}
+
+/// Finds the identity-store id of each wanted object, keyed by Entra object id. Bulk listing
+/// matches the external id first, then the name; look-ups use the name (the SCIM issuer that
+/// an external-id look-up needs is not documented). Objects not found are absent from the map.
+pub async fn resolve(
+    store: &dyn IdentityStore,
+    kind: Kind,
+    wanted: &[Wanted],
+    strategy: Strategy,
+) -> Result<BTreeMap<String, String>, AwsError> {
+    let mut found = BTreeMap::new();
+    match strategy {
+        Strategy::Bulk => {
+            let entries = store.list(kind).await?;
+            let mut by_external = BTreeMap::new();
+            let mut by_name = BTreeMap::new();
+            for e in &entries {
+                for x in &e.external_ids {
+                    by_external.insert(x.as_str(), e.id.as_str());
+                }
+                by_name.insert(name_key(kind, &e.name), e.id.as_str());
+            }
+            for w in wanted {
+                let hit = by_external
+                    .get(w.entra_id.as_str())
+                    .or_else(|| by_name.get(&name_key(kind, &w.name)));
+                if let Some(id) = hit {
+                    found.insert(w.entra_id.clone(), id.to_string());
+                }
+            }
+        }
+        Strategy::Lookup => {
+            for w in wanted {
+                if let Some(id) = store.find(kind, &w.name).await? {
+                    found.insert(w.entra_id.clone(), id);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Identity Center compares user names case-insensitively; group names exactly.
+fn name_key(kind: Kind, name: &str) -> String {
+    match kind {
+        Kind::User => name.to_lowercase(),
+        Kind::Group => name.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An identity store in memory that counts calls.
+    struct Memory {
+        users: Vec<StoreEntry>,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    #[async_trait]
+    impl IdentityStore for Memory {
+        async fn find(&self, _kind: Kind, name: &str) -> Result<Option<String>, AwsError> {
+            self.calls.lock().unwrap().push("find");
+            Ok(self
+                .users
+                .iter()
+                .find(|u| u.name.eq_ignore_ascii_case(name))
+                .map(|u| u.id.clone()))
+        }
+        async fn list(&self, _kind: Kind) -> Result<Vec<StoreEntry>, AwsError> {
+            self.calls.lock().unwrap().push("list");
+            Ok(self.users.clone())
+        }
+        fn calls(&self) -> u64 {
+            self.calls.lock().unwrap().len() as u64
+        }
+    }
+
+    fn entry(id: &str, name: &str, ext: &[&str]) -> StoreEntry {
+        StoreEntry {
+            id: id.into(),
+            name: name.into(),
+            external_ids: ext.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn wanted(entra_id: &str, name: &str) -> Wanted {
+        Wanted {
+            entra_id: entra_id.into(),
+            name: name.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn bulk_matches_external_id_before_user_name() {
+        // The Entra user e1 was renamed to bob@ but SCIM has not caught up: the external id
+        // still finds the right identity-store user, and the stale name is not trusted.
+        let store = Memory {
+            users: vec![
+                entry("u-alice", "alice@x", &["e1"]),
+                entry("u-bob", "bob@x", &["e2"]),
+                entry("u-carol", "CAROL@x", &[]),
+            ],
+            calls: Mutex::new(vec![]),
+        };
+        let want = [
+            wanted("e1", "bob@x"),
+            wanted("e3", "carol@x"),
+            wanted("e4", "nobody@x"),
+        ];
+        let got = resolve(&store, Kind::User, &want, Strategy::Bulk)
+            .await
+            .unwrap();
+        assert_eq!(got.get("e1").map(String::as_str), Some("u-alice"));
+        assert_eq!(
+            got.get("e3").map(String::as_str),
+            Some("u-carol"),
+            "by name, case-insensitively"
+        );
+        assert!(!got.contains_key("e4"));
+        assert_eq!(store.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn lookups_cost_one_call_per_principal() {
+        let store = Memory {
+            users: vec![entry("u-alice", "alice@x", &["e1"])],
+            calls: Mutex::new(vec![]),
+        };
+        let want = [wanted("e1", "alice@x"), wanted("e2", "bob@x")];
+        let got = resolve(&store, Kind::User, &want, Strategy::Lookup)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(*store.calls.lock().unwrap(), vec!["find", "find"]);
+    }
+
+    #[test]
+    fn strategy_picks_fewer_calls() {
+        assert_eq!(Strategy::choose(3, None), Strategy::Lookup);
+        assert_eq!(Strategy::choose(101, None), Strategy::Bulk);
+        // 30,000 users in the store: 300 list calls; 250 look-ups are cheaper, 301 are not.
+        assert_eq!(Strategy::choose(250, Some(30_000)), Strategy::Lookup);
+        assert_eq!(Strategy::choose(301, Some(30_000)), Strategy::Bulk);
+        assert_eq!(Strategy::choose(2, Some(50)), Strategy::Bulk);
+    }
+}

@@ -1,0 +1,19 @@
+//! entra-sso-sync: reconciles IAM Identity Center account assignments from Microsoft Entra
+//! group membership, nested groups included, against a short human-readable configuration.
+//!
+//! The shape is a reconciler: [`config`] is parsed and checked, [`engine`] gathers from the
+//! [`directory`] (Graph), the [`identity`] store, [`sso`] (sso-admin) and the [`state`] table,
+//! [`plan`] computes the diff and applies the safety filters without any I/O, and the engine
+//! applies it and records the [`report`].
+
+pub mod aws;
+pub mod config;
+pub mod directory;
+pub mod engine;
+pub mod identity;
+pub mod model;
+pub mod plan;
+pub mod report;
+pub mod retry;
+pub mod sso;
+pub mod state;

@@ -1,0 +1,142 @@
+//! The command line: `validate`, `plan` and `apply` over the same engine as the Lambda.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use entra_sso_sync::aws::load_config;
+use entra_sso_sync::config::Config;
+use entra_sso_sync::engine::{Engine, Mode, RunRequest};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "entra-sso-sync",
+    version,
+    about = "Reconcile IAM Identity Center account assignments from Microsoft Entra groups"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Configuration file path or s3://bucket/key URI.
+    #[arg(long, env = "CONFIG_URI")]
+    config: String,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Output format of the result on stdout.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the configuration offline. Exit 0 valid, 1 invalid.
+    Validate(ConfigArg),
+    /// Read everything, change nothing. Exit 0 in sync, 2 changes pending, 1 error.
+    Plan(RunArgs),
+    /// Make the changes. Exit 0 done, 1 error, 3 a safety guard held deletions back.
+    Apply {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Confirm, once, up to N deletions past the safety guards.
+        #[arg(long, value_name = "N")]
+        allow_deletions: Option<u32>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "entra_sso_sync=info,warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => ExitCode::from(code),
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Formats an error with its chain of causes.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
+}
+
+async fn run(cli: Cli) -> Result<u8, String> {
+    let (args, mode, allow_deletions) = match cli.command {
+        Command::Validate(arg) => {
+            let config = read_config(&arg.config, None).await?;
+            println!("{}: valid ({} rules)", arg.config, config.assignments.len());
+            return Ok(0);
+        }
+        Command::Plan(run) => (run, Mode::Plan, None),
+        Command::Apply {
+            run,
+            allow_deletions,
+        } => (run, Mode::Apply, allow_deletions),
+    };
+    let sdk = aws_config::load_from_env().await;
+    let config = read_config(&args.config.config, Some(&sdk)).await?;
+    let engine = Engine::connect(&config, &sdk, std::env::var("ENTRA_CLIENT_SECRET").ok())
+        .await
+        .map_err(|e| chain(&e))?;
+    let request = RunRequest {
+        mode,
+        trigger: "cli".into(),
+        allow_deletions,
+    };
+    let report = engine.run(&config, &request).await.map_err(|e| chain(&e))?;
+    match args.output {
+        Output::Text => print!("{}", report.to_text()),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        ),
+    }
+    Ok(report.outcome.exit_code() as u8)
+}
+
+/// Reads the configuration; S3 URIs need the AWS configuration, local files do not.
+async fn read_config(uri: &str, sdk: Option<&aws_config::SdkConfig>) -> Result<Config, String> {
+    let env = |k: &str| std::env::var(k).ok();
+    let result = match sdk {
+        Some(sdk) => load_config(uri, sdk, env).await,
+        None if uri.starts_with("s3://") => {
+            load_config(uri, &aws_config::load_from_env().await, env).await
+        }
+        None => {
+            let text = std::fs::read_to_string(uri)
+                .map_err(|e| format!("{uri}: cannot read the configuration: {e}"))?;
+            Config::parse(&text, uri).and_then(|mut c| c.apply_env_overrides(env).map(|()| c))
+        }
+    };
+    result.map_err(|e| e.to_string())
+}

@@ -1,0 +1,552 @@
+//! The pure core: from resolved rules, the assignments Identity Center has, and the ownership
+//! ledger, compute what to create, delete, claim and forget. No I/O happens here; every input
+//! was gathered and resolved beforehand. Safety rules are filters applied to the full diff
+//! afterwards, so the diff stays simple and each filter is visible on its own.
+
+use crate::model::{AccountId, Assignment, Principal};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A rule after its Entra group, members and permission set have been looked up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedRule {
+    /// The rule's name.
+    pub name: String,
+    /// The permission set's ARN.
+    pub permission_set_arn: String,
+    /// Target accounts.
+    pub accounts: BTreeSet<AccountId>,
+    /// What the rule grants, or why it cannot be evaluated this run.
+    pub source: RuleSource,
+}
+
+/// The principals a rule grants, when they are known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleSource {
+    /// The identity-store principals the rule grants (possibly none).
+    Resolved(BTreeSet<Principal>),
+    /// The rule could not be evaluated (its Entra group is gone or ambiguous, say). Nothing is
+    /// created for it, and deletions of what it owned are held: an unknown source must never
+    /// look like an empty one.
+    Held {
+        /// Why, for the report.
+        reason: String,
+    },
+}
+
+/// A ledger entry: an assignment the tool created, and the rules that wanted it.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Owned {
+    /// Rules that wanted the assignment when it was last recorded.
+    pub rules: BTreeSet<String>,
+    /// Written before the create call and cleared after it settled: a pending entry whose
+    /// assignment exists is claimed, one whose assignment does not exist is forgotten. This is
+    /// how a run killed mid-apply neither leaks nor invents ownership.
+    pub pending: bool,
+}
+
+/// Operator limits on deletions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// `safety.max_deletions`.
+    pub max_deletions: u32,
+    /// A one-off operator override (`apply --allow-deletions N`): up to N deletions pass the
+    /// caps, and held rules' deletions are released.
+    pub allow_deletions: Option<u32>,
+}
+
+/// Everything the plan is computed from.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanInput<'a> {
+    /// Every rule of the configuration, resolved.
+    pub rules: &'a [ResolvedRule],
+    /// Assignments Identity Center has, for the pairs in `observed`.
+    pub actual: &'a BTreeSet<Assignment>,
+    /// The (account, permission set) pairs whose assignments were read. The plan judges only
+    /// these: an owned assignment outside them is neither deleted nor forgotten.
+    pub observed: &'a BTreeSet<(AccountId, String)>,
+    /// The ownership ledger.
+    pub owned: &'a BTreeMap<Assignment, Owned>,
+    /// Deletion limits.
+    pub limits: Limits,
+}
+
+/// One change, with the rules behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    /// The assignment to create or delete.
+    #[serde(flatten)]
+    pub assignment: Assignment,
+    /// For a creation, the rules that want it; for a deletion, the rules that had wanted it.
+    pub rules: Vec<String>,
+}
+
+/// A deletion that safety rules held back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Held {
+    /// The deletion that was not made.
+    #[serde(flatten)]
+    pub change: Change,
+    /// Why.
+    pub reason: String,
+}
+
+/// A tripped deletion cap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GuardTrip {
+    /// Which cap.
+    pub guard: &'static str,
+    /// The cap's value.
+    pub limit: u32,
+    /// How many deletions the run wanted.
+    pub wanted: usize,
+    /// Those deletions counted by the rule that had wanted each assignment.
+    pub by_rule: BTreeMap<String, usize>,
+}
+
+/// What a run would do.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// Assignments to create.
+    pub creates: Vec<Change>,
+    /// Assignments to delete (after the safety filters).
+    pub deletes: Vec<Change>,
+    /// Deletions held back by safety rules.
+    pub held: Vec<Held>,
+    /// Pending ledger entries whose assignment exists: now owned.
+    pub claim: Vec<Assignment>,
+    /// Ledger entries whose assignment no longer exists: dropped from the ledger.
+    pub forget: Vec<Assignment>,
+    /// Owned assignments whose wanting rules changed: the ledger's attribution is refreshed.
+    pub retag: Vec<Change>,
+    /// Desired assignments that already exist.
+    pub unchanged: usize,
+    /// The deletion cap that tripped, if any.
+    pub guard: Option<GuardTrip>,
+}
+
+impl Plan {
+    /// True when nothing in Identity Center would change.
+    pub fn is_in_sync(&self) -> bool {
+        self.creates.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// The assignments every evaluable rule wants, each with the rules that want it. Several rules
+/// may want the same assignment: it is one assignment, kept while any rule wants it.
+pub fn desired(rules: &[ResolvedRule]) -> BTreeMap<Assignment, BTreeSet<String>> {
+    let mut out: BTreeMap<Assignment, BTreeSet<String>> = BTreeMap::new();
+    for rule in rules {
+        let RuleSource::Resolved(principals) = &rule.source else {
+            continue;
+        };
+        for account in &rule.accounts {
+            for p in principals {
+                let a = Assignment {
+                    account_id: account.clone(),
+                    permission_set_arn: rule.permission_set_arn.clone(),
+                    principal_type: p.principal_type,
+                    principal_id: p.principal_id.clone(),
+                };
+                out.entry(a).or_default().insert(rule.name.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Computes the plan: the raw diff, then the safety filters.
+pub fn plan(input: PlanInput<'_>) -> Plan {
+    let desired = desired(input.rules);
+    let mut plan = Plan::default();
+
+    for (a, rules) in &desired {
+        if input.actual.contains(a) {
+            plan.unchanged += 1;
+        } else {
+            plan.creates.push(Change {
+                assignment: a.clone(),
+                rules: rules.iter().cloned().collect(),
+            });
+        }
+    }
+
+    let mut candidates = Vec::new();
+    for (a, owned) in input.owned {
+        if !input
+            .observed
+            .contains(&(a.account_id.clone(), a.permission_set_arn.clone()))
+        {
+            continue;
+        }
+        if !input.actual.contains(a) {
+            plan.forget.push(a.clone());
+            continue;
+        }
+        if owned.pending {
+            plan.claim.push(a.clone());
+        }
+        match desired.get(a) {
+            Some(rules) if *rules != owned.rules => plan.retag.push(Change {
+                assignment: a.clone(),
+                rules: rules.iter().cloned().collect(),
+            }),
+            Some(_) => {}
+            None => candidates.push(Change {
+                assignment: a.clone(),
+                rules: owned.rules.iter().cloned().collect(),
+            }),
+        }
+    }
+
+    apply_safety(&mut plan, candidates, input.rules, input.limits);
+    plan
+}
+
+/// The safety filters, in order: deletions owned by held rules are held; then the deletion cap.
+fn apply_safety(plan: &mut Plan, candidates: Vec<Change>, rules: &[ResolvedRule], limits: Limits) {
+    let held_rules: BTreeMap<&str, &str> = rules
+        .iter()
+        .filter_map(|r| match &r.source {
+            RuleSource::Held { reason } => Some((r.name.as_str(), reason.as_str())),
+            RuleSource::Resolved(_) => None,
+        })
+        .collect();
+    let overridden = limits.allow_deletions.is_some();
+
+    let mut deletes = Vec::new();
+    for change in candidates {
+        let holding = change
+            .rules
+            .iter()
+            .find_map(|r| held_rules.get(r.as_str()).map(|why| (r, why)));
+        match holding {
+            Some((rule, why)) if !overridden => plan.held.push(Held {
+                reason: format!("rule {rule} is held: {why}"),
+                change,
+            }),
+            _ => deletes.push(change),
+        }
+    }
+
+    let limit = limits.allow_deletions.unwrap_or(limits.max_deletions);
+    if deletes.len() > limit as usize {
+        let mut by_rule = BTreeMap::new();
+        for change in &deletes {
+            for rule in &change.rules {
+                *by_rule.entry(rule.clone()).or_insert(0) += 1;
+            }
+        }
+        let guard = if overridden {
+            "allow_deletions"
+        } else {
+            "max_deletions"
+        };
+        plan.guard = Some(GuardTrip {
+            guard,
+            limit,
+            wanted: deletes.len(),
+            by_rule,
+        });
+        let reason = format!(
+            "{guard} is {limit} and this run would delete {}",
+            deletes.len()
+        );
+        plan.held.extend(deletes.into_iter().map(|change| Held {
+            change,
+            reason: reason.clone(),
+        }));
+    } else {
+        plan.deletes = deletes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PrincipalType;
+    use proptest::prelude::*;
+
+    const PS: &str = "arn:aws:sso:::permissionSet/ssoins-1/ps-1";
+
+    fn acct(n: u8) -> AccountId {
+        AccountId::try_from(format!("{:012}", n)).unwrap()
+    }
+
+    fn group(id: &str) -> Principal {
+        Principal {
+            principal_type: PrincipalType::Group,
+            principal_id: id.into(),
+        }
+    }
+
+    fn asg(account: u8, principal: &str) -> Assignment {
+        Assignment {
+            account_id: acct(account),
+            permission_set_arn: PS.into(),
+            principal_type: PrincipalType::Group,
+            principal_id: principal.into(),
+        }
+    }
+
+    fn rule(name: &str, accounts: &[u8], principals: &[&str]) -> ResolvedRule {
+        ResolvedRule {
+            name: name.into(),
+            permission_set_arn: PS.into(),
+            accounts: accounts.iter().map(|&a| acct(a)).collect(),
+            source: RuleSource::Resolved(principals.iter().map(|p| group(p)).collect()),
+        }
+    }
+
+    fn owned_by(rules: &[&str]) -> Owned {
+        Owned {
+            rules: rules.iter().map(|r| r.to_string()).collect(),
+            pending: false,
+        }
+    }
+
+    fn observed(accounts: &[u8]) -> BTreeSet<(AccountId, String)> {
+        accounts
+            .iter()
+            .map(|&a| (acct(a), PS.to_string()))
+            .collect()
+    }
+
+    const LIMITS: Limits = Limits {
+        max_deletions: 20,
+        allow_deletions: None,
+    };
+
+    fn run(
+        rules: &[ResolvedRule],
+        actual: &BTreeSet<Assignment>,
+        owned: &BTreeMap<Assignment, Owned>,
+        limits: Limits,
+    ) -> Plan {
+        plan(PlanInput {
+            rules,
+            actual,
+            observed: &observed(&[1, 2, 3, 4]),
+            owned,
+            limits,
+        })
+    }
+
+    #[test]
+    fn creates_what_is_missing_and_counts_what_exists() {
+        let rules = [rule("r", &[1, 2], &["g"])];
+        let actual = BTreeSet::from([asg(1, "g")]);
+        let p = run(&rules, &actual, &BTreeMap::new(), LIMITS);
+        assert_eq!(p.creates.len(), 1);
+        assert_eq!(p.creates[0].assignment, asg(2, "g"));
+        assert_eq!(p.creates[0].rules, vec!["r".to_string()]);
+        assert_eq!(p.unchanged, 1);
+        assert!(p.deletes.is_empty());
+    }
+
+    #[test]
+    fn one_assignment_wanted_by_two_rules_is_created_once_and_kept_while_either_wants_it() {
+        let rules = [rule("a", &[1], &["g"]), rule("b", &[1], &["g"])];
+        let p = run(&rules, &BTreeSet::new(), &BTreeMap::new(), LIMITS);
+        assert_eq!(p.creates.len(), 1);
+        assert_eq!(p.creates[0].rules, vec!["a".to_string(), "b".to_string()]);
+
+        let actual = BTreeSet::from([asg(1, "g")]);
+        let owned = BTreeMap::from([(asg(1, "g"), owned_by(&["a", "b"]))]);
+        let p = run(&rules[1..], &actual, &owned, LIMITS);
+        assert!(p.deletes.is_empty());
+        assert_eq!(p.retag.len(), 1, "attribution narrows to rule b");
+        assert_eq!(p.retag[0].rules, vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn deletes_only_what_it_owns() {
+        let rules = [rule("r", &[1], &["g"])];
+        let actual = BTreeSet::from([asg(1, "g"), asg(1, "mine"), asg(1, "by-hand")]);
+        let owned = BTreeMap::from([(asg(1, "mine"), owned_by(&["old"]))]);
+        let p = run(&rules, &actual, &owned, LIMITS);
+        assert_eq!(
+            p.deletes,
+            vec![Change {
+                assignment: asg(1, "mine"),
+                rules: vec!["old".into()]
+            }]
+        );
+        assert!(p.creates.is_empty());
+    }
+
+    #[test]
+    fn pending_entries_are_claimed_or_forgotten_by_what_exists() {
+        let rules = [rule("r", &[1, 2], &["g"])];
+        let actual = BTreeSet::from([asg(1, "g")]);
+        let pending = Owned {
+            rules: BTreeSet::from(["r".to_string()]),
+            pending: true,
+        };
+        let owned = BTreeMap::from([(asg(1, "g"), pending.clone()), (asg(2, "g"), pending)]);
+        let p = run(&rules, &actual, &owned, LIMITS);
+        assert_eq!(p.claim, vec![asg(1, "g")]);
+        assert_eq!(p.forget, vec![asg(2, "g")]);
+        assert_eq!(p.creates.len(), 1, "the never-created one is created again");
+    }
+
+    #[test]
+    fn owned_assignments_outside_the_observed_pairs_are_left_alone() {
+        let owned = BTreeMap::from([(asg(9, "x"), owned_by(&["gone"]))]);
+        let p = run(&[], &BTreeSet::new(), &owned, LIMITS);
+        assert_eq!(p, Plan::default());
+    }
+
+    #[test]
+    fn a_held_rule_creates_nothing_and_its_deletions_are_held() {
+        let mut held = rule("r", &[1], &[]);
+        held.source = RuleSource::Held {
+            reason: "Entra group not found".into(),
+        };
+        let actual = BTreeSet::from([asg(1, "g")]);
+        let owned = BTreeMap::from([(asg(1, "g"), owned_by(&["r"]))]);
+        let p = run(&[held.clone()], &actual, &owned, LIMITS);
+        assert!(p.deletes.is_empty() && p.creates.is_empty());
+        assert_eq!(p.held.len(), 1);
+        assert!(p.held[0].reason.contains("Entra group not found"));
+
+        let p = run(
+            &[held],
+            &actual,
+            &owned,
+            Limits {
+                allow_deletions: Some(1),
+                ..LIMITS
+            },
+        );
+        assert_eq!(p.deletes.len(), 1, "the operator's override releases it");
+    }
+
+    #[test]
+    fn the_deletion_cap_holds_every_deletion_but_not_the_creations() {
+        let rules = [rule("keep", &[1], &["new"])];
+        let actual: BTreeSet<_> = ["a", "b", "c"].iter().map(|p| asg(2, p)).collect();
+        let owned: BTreeMap<_, _> = actual
+            .iter()
+            .map(|a| (a.clone(), owned_by(&["removed"])))
+            .collect();
+        let limits = Limits {
+            max_deletions: 2,
+            allow_deletions: None,
+        };
+        let p = run(&rules, &actual, &owned, limits);
+        assert!(p.deletes.is_empty());
+        assert_eq!(p.held.len(), 3);
+        assert_eq!(p.creates.len(), 1);
+        let guard = p.guard.unwrap();
+        assert_eq!((guard.limit, guard.wanted), (2, 3));
+        assert_eq!(guard.by_rule, BTreeMap::from([("removed".to_string(), 3)]));
+
+        let p = run(
+            &rules,
+            &actual,
+            &owned,
+            Limits {
+                allow_deletions: Some(3),
+                ..limits
+            },
+        );
+        assert_eq!(p.deletes.len(), 3);
+        assert!(p.guard.is_none());
+    }
+
+    fn arb_world() -> impl Strategy<
+        Value = (
+            Vec<ResolvedRule>,
+            BTreeSet<Assignment>,
+            BTreeMap<Assignment, Owned>,
+        ),
+    > {
+        let principal = prop::sample::select(vec!["g1", "g2", "g3", "u1", "u2"]);
+        let rule_s = (
+            prop::collection::btree_set(1u8..5, 1..3),
+            prop::collection::btree_set(principal.clone(), 0..4),
+        );
+        let rules = prop::collection::vec(rule_s, 0..4).prop_map(|rs| {
+            rs.into_iter()
+                .enumerate()
+                .map(|(i, (accts, ps))| {
+                    let accts: Vec<u8> = accts.into_iter().collect();
+                    let ps: Vec<&str> = ps.into_iter().collect();
+                    rule(&format!("r{i}"), &accts, &ps)
+                })
+                .collect::<Vec<_>>()
+        });
+        let asg_s = (1u8..5, principal).prop_map(|(a, p)| asg(a, p));
+        let actual = prop::collection::btree_set(asg_s.clone(), 0..10);
+        let owned =
+            prop::collection::btree_map(asg_s, (any::<bool>(), 0usize..4), 0..10).prop_map(|m| {
+                m.into_iter()
+                    .map(|(a, (pending, r))| {
+                        let rules = BTreeSet::from([format!("r{r}")]);
+                        (a, Owned { rules, pending })
+                    })
+                    .collect()
+            });
+        (rules, actual, owned)
+    }
+
+    /// What applying a plan does to the world, as the executor would.
+    fn apply(p: &Plan, actual: &mut BTreeSet<Assignment>, owned: &mut BTreeMap<Assignment, Owned>) {
+        for a in &p.forget {
+            owned.remove(a);
+        }
+        for a in &p.claim {
+            if let Some(o) = owned.get_mut(a) {
+                o.pending = false;
+            }
+        }
+        for c in &p.retag {
+            if let Some(o) = owned.get_mut(&c.assignment) {
+                o.rules = c.rules.iter().cloned().collect();
+            }
+        }
+        for c in &p.creates {
+            actual.insert(c.assignment.clone());
+            owned.insert(
+                c.assignment.clone(),
+                Owned {
+                    rules: c.rules.iter().cloned().collect(),
+                    pending: false,
+                },
+            );
+        }
+        for c in &p.deletes {
+            actual.remove(&c.assignment);
+            owned.remove(&c.assignment);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_deletes_what_it_does_not_own_and_converges((rules, actual, owned) in arb_world()) {
+            let limits = Limits { max_deletions: 1000, allow_deletions: None };
+            let p = run(&rules, &actual, &owned, limits);
+            let want = desired(&rules);
+            for d in &p.deletes {
+                prop_assert!(owned.contains_key(&d.assignment), "deletes unowned {}", d.assignment);
+                prop_assert!(!want.contains_key(&d.assignment), "deletes a desired {}", d.assignment);
+            }
+            for c in &p.creates {
+                prop_assert!(!actual.contains(&c.assignment));
+            }
+
+            let (mut actual2, mut owned2) = (actual.clone(), owned.clone());
+            apply(&p, &mut actual2, &mut owned2);
+            for a in want.keys() {
+                prop_assert!(actual2.contains(a), "desired {} missing after apply", a);
+            }
+            for a in owned2.keys() {
+                prop_assert!(actual2.contains(a), "ledger claims {} that does not exist", a);
+            }
+            let again = run(&rules, &actual2, &owned2, limits);
+            prop_assert!(again.is_in_sync(), "second plan not empty: {:?}", again);
+            prop_assert!(again.claim.is_empty() && again.forget.is_empty() && again.retag.is_empty());
+        }
+    }
+}
