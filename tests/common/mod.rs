@@ -1,0 +1,206 @@
+//! The test stack: one isolated moto account (its own Identity Center instance, identity
+//! store and state table) and one fake Graph per test, wired to the production adapters.
+
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use devstack::graph::{FakeGraph, Group, Tenant, User};
+use devstack::moto::{self, IdentityCenter, MotoAccount, Provisioned};
+use entra_sso_sync::config::Config;
+use entra_sso_sync::directory::{GraphClient, GraphSettings};
+use entra_sso_sync::engine::{Engine, EngineError, Mode, RunRequest};
+use entra_sso_sync::model::Secret;
+use entra_sso_sync::report::Report;
+use entra_sso_sync::retry::Backoff;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const TENANT_ID: &str = "11111111-2222-3333-4444-555555555555";
+pub const CLIENT_ID: &str = "66666666-7777-8888-9999-000000000000";
+pub const SECRET: &str = "s3cr3t-value-that-must-never-be-printed";
+pub const TABLE: &str = "entra-sso-sync-state";
+pub const ACCOUNT_A: &str = "111111111111";
+pub const ACCOUNT_B: &str = "222222222222";
+
+/// An Entra object id for fixture number `n`.
+pub fn oid(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+pub fn user(n: u32, name: &str) -> User {
+    User {
+        id: oid(n),
+        user_principal_name: format!("{name}@contoso.example"),
+        display_name: name.to_string(),
+        account_enabled: true,
+    }
+}
+
+pub fn group(n: u32, name: &str, members: &[u32]) -> Group {
+    Group {
+        id: oid(n),
+        display_name: name.to_string(),
+        members: members.iter().map(|&m| oid(m)).collect(),
+    }
+}
+
+/// A tenant with nesting three levels deep and a cycle:
+/// Developers(100) ⊃ carol(3), Team Payments(101) ⊃ dave(4), Payments Oncall(102) ⊃ erin(5),
+/// frank(6), Developers(100). Platform Admins(110) ⊃ alice(1), bob(2).
+pub fn tenant() -> Tenant {
+    Tenant {
+        tenant_id: TENANT_ID.into(),
+        client_id: CLIENT_ID.into(),
+        client_secret: SECRET.into(),
+        users: vec![
+            user(1, "alice"),
+            user(2, "bob"),
+            user(3, "carol"),
+            user(4, "dave"),
+            user(5, "erin"),
+            user(6, "frank"),
+            user(7, "contractor"),
+        ],
+        groups: vec![
+            group(100, "Developers", &[3, 101]),
+            group(101, "Team Payments", &[4, 102]),
+            group(102, "Payments Oncall", &[5, 6, 100]),
+            group(110, "Platform Admins", &[1, 2]),
+            group(120, "Auditors", &[7]),
+        ],
+    }
+}
+
+pub struct Stack {
+    pub graph: FakeGraph,
+    pub account: MotoAccount,
+    pub ic: IdentityCenter,
+    pub provisioned: Provisioned,
+    pub admin_ps: String,
+    pub read_ps: String,
+}
+
+impl Stack {
+    /// A fresh stack; every user but `contractor` is provisioned like SCIM would.
+    pub async fn new() -> Stack {
+        Stack::with_tenant(tenant(), &[7]).await
+    }
+
+    pub async fn with_tenant(tenant: Tenant, not_provisioned: &[u32]) -> Stack {
+        let account = moto::isolated_account().await.expect("moto account");
+        let cfg = &account.sdk_config;
+        let ic = moto::identity_center(cfg).await.expect("instance");
+        moto::create_state_table(cfg, TABLE).await.expect("table");
+        let admin_ps = moto::create_permission_set(cfg, &ic, "AdministratorAccess")
+            .await
+            .expect("ps");
+        let read_ps = moto::create_permission_set(cfg, &ic, "ReadOnlyAccess")
+            .await
+            .expect("ps");
+        let skip: BTreeSet<String> = not_provisioned.iter().map(|&n| oid(n)).collect();
+        let only: BTreeSet<String> = tenant
+            .users
+            .iter()
+            .map(|u| u.id.clone())
+            .filter(|id| !skip.contains(id))
+            .collect();
+        let provisioned = moto::provision_like_scim(cfg, &ic, &tenant, Some(&only))
+            .await
+            .expect("provision");
+        let graph = FakeGraph::start(tenant).await.expect("fake graph");
+        Stack {
+            graph,
+            account,
+            ic,
+            provisioned,
+            admin_ps,
+            read_ps,
+        }
+    }
+
+    /// A configuration with these rules (YAML list items, indented by two spaces).
+    pub fn config_text(&self, rules: &str, max_deletions: u32) -> String {
+        format!(
+            "version: 1\nentra:\n  tenant_id: {TENANT_ID}\n  client_id: {CLIENT_ID}\n  graph_url: {}\n  login_url: {}\nstate:\n  table: {TABLE}\nsafety:\n  max_deletions: {max_deletions}\nassignments:\n{rules}",
+            self.graph.graph_url(),
+            self.graph.login_url()
+        )
+    }
+
+    pub fn config(&self, rules: &str) -> Config {
+        Config::parse(&self.config_text(rules, 20), "test.yaml").expect("valid test config")
+    }
+
+    /// The production engine, with a quick Graph backoff so fault tests stay fast.
+    pub async fn engine(&self, config: &Config) -> Engine {
+        let mut engine = Engine::connect(config, &self.account.sdk_config, Some(SECRET.into()))
+            .await
+            .expect("engine");
+        engine.directory = Arc::new(
+            GraphClient::new(GraphSettings {
+                graph_url: config.entra.graph_url.to_string(),
+                login_url: config.entra.login_url.to_string(),
+                tenant_id: config.entra.tenant_id.clone(),
+                client_id: config.entra.client_id.clone(),
+                client_secret: Secret::new(SECRET),
+                backoff: Backoff {
+                    max_attempts: 3,
+                    base: Duration::from_millis(10),
+                    cap: Duration::from_millis(50),
+                },
+            })
+            .expect("graph client"),
+        );
+        engine
+    }
+
+    pub async fn try_run(
+        &self,
+        config: &Config,
+        mode: Mode,
+        allow_deletions: Option<u32>,
+    ) -> Result<Report, EngineError> {
+        let engine = self.engine(config).await;
+        engine
+            .run(
+                config,
+                &RunRequest {
+                    mode,
+                    trigger: "test".into(),
+                    allow_deletions,
+                },
+            )
+            .await
+    }
+
+    pub async fn run(&self, config: &Config, mode: Mode) -> Report {
+        self.try_run(config, mode, None).await.expect("run")
+    }
+
+    /// (type, principal id) assigned `ps` on `account`.
+    pub async fn assigned(&self, account: &str, ps: &str) -> BTreeSet<(String, String)> {
+        moto::list_assignments(&self.account.sdk_config, &self.ic, account, ps)
+            .await
+            .expect("list assignments")
+    }
+
+    pub fn user_id(&self, n: u32) -> String {
+        self.provisioned.users[&oid(n)].clone()
+    }
+
+    pub fn group_id(&self, n: u32) -> String {
+        self.provisioned.groups[&oid(n)].clone()
+    }
+
+    pub fn users(&self, ns: &[u32]) -> BTreeSet<(String, String)> {
+        ns.iter()
+            .map(|&n| ("USER".to_string(), self.user_id(n)))
+            .collect()
+    }
+
+    pub fn groups(&self, ns: &[u32]) -> BTreeSet<(String, String)> {
+        ns.iter()
+            .map(|&n| ("GROUP".to_string(), self.group_id(n)))
+            .collect()
+    }
+}
