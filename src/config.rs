@@ -4,7 +4,7 @@
 
 use crate::model::{AccountId, Guid};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// Default Microsoft Graph base URL.
@@ -130,8 +130,24 @@ pub struct Rule {
     pub entra_group: GroupRef,
     /// The permission set, by name or ARN.
     pub permission_set: PermissionSetRef,
-    /// Target accounts.
-    pub accounts: Vec<AccountId>,
+    /// Target accounts, by 12-digit id or by name.
+    #[serde(default)]
+    pub accounts: Vec<AccountRef>,
+    /// Organizational units (id or `Root/…` path): every account below, at any depth.
+    #[serde(default)]
+    pub organizational_units: Vec<OuRef>,
+    /// Accounts carrying all of these tags.
+    #[serde(default)]
+    pub account_tags: BTreeMap<String, String>,
+    /// Every account of the organization.
+    #[serde(default)]
+    pub all_accounts: bool,
+    /// Accounts removed from the scope, by id or name.
+    #[serde(default)]
+    pub exclude_accounts: Vec<AccountRef>,
+    /// Organizational units whose accounts are removed from the scope.
+    #[serde(default)]
+    pub exclude_organizational_units: Vec<OuRef>,
     /// Whether to assign the provisioned group or each of its transitive members.
     #[serde(default)]
     pub assign: AssignMode,
@@ -280,6 +296,94 @@ fn check_url(s: &str) -> Result<(), String> {
     }
 }
 
+/// An account, by 12-digit id or by name. An entry made only of digits is an id and must have
+/// 12 of them (all-digit account names are not supported).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum AccountRef {
+    /// The account id.
+    Id(AccountId),
+    /// The account name (must match exactly one account).
+    Name(String),
+}
+
+impl TryFrom<String> for AccountRef {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            AccountId::try_from(s).map(AccountRef::Id)
+        } else if s.trim().is_empty() {
+            Err("expected an account id or name, got an empty string".into())
+        } else {
+            Ok(AccountRef::Name(s))
+        }
+    }
+}
+
+impl From<AccountRef> for String {
+    fn from(a: AccountRef) -> String {
+        match a {
+            AccountRef::Id(id) => id.into(),
+            AccountRef::Name(n) => n,
+        }
+    }
+}
+
+impl fmt::Display for AccountRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccountRef::Id(id) => write!(f, "{id}"),
+            AccountRef::Name(n) => write!(f, "{n:?}"),
+        }
+    }
+}
+
+/// An organizational unit, by id (`ou-…`, or the root's `r-…`) or by path from the root
+/// (`Root/Workloads/Prod`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum OuRef {
+    /// The OU or root id.
+    Id(String),
+    /// The path of names from the root.
+    Path(String),
+}
+
+impl TryFrom<String> for OuRef {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let id_shape = |rest: &str| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        if s.strip_prefix("ou-").is_some_and(id_shape) || s.strip_prefix("r-").is_some_and(id_shape)
+        {
+            Ok(OuRef::Id(s))
+        } else if (s == "Root" || s.starts_with("Root/")) && !s.split('/').any(str::is_empty) {
+            Ok(OuRef::Path(s))
+        } else {
+            Err(format!(
+                "expected an organizational unit id (ou-…, r-…) or a path from the root such as Root/Workloads/Prod, got {s:?}"
+            ))
+        }
+    }
+}
+
+impl From<OuRef> for String {
+    fn from(o: OuRef) -> String {
+        match o {
+            OuRef::Id(s) | OuRef::Path(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for OuRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OuRef::Id(s) | OuRef::Path(s) => f.write_str(s),
+        }
+    }
+}
+
 /// An Entra group, named by object id or display name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 #[serde(try_from = "String", into = "String")]
@@ -419,10 +523,20 @@ impl Config {
                     format!("duplicate rule name {:?}", rule.name.as_str()),
                 ));
             }
-            if rule.accounts.is_empty() {
+            if rule.accounts.is_empty()
+                && rule.organizational_units.is_empty()
+                && rule.account_tags.is_empty()
+                && !rule.all_accounts
+            {
                 return Err(invalid(
-                    format!("assignments[{i}].accounts"),
-                    "expected at least one account id".into(),
+                    format!("assignments[{i}]"),
+                    "expected a scope: accounts, organizational_units, account_tags or all_accounts".into(),
+                ));
+            }
+            if let Some(k) = rule.account_tags.keys().find(|k| k.is_empty()) {
+                return Err(invalid(
+                    format!("assignments[{i}].account_tags"),
+                    format!("expected non-empty tag keys, got {k:?}"),
                 ));
             }
         }
@@ -525,7 +639,10 @@ assignments:
             c.assignments[1].permission_set,
             PermissionSetRef::Arn(_)
         ));
-        assert_eq!(c.assignments[1].accounts[0].as_str(), "012345678901");
+        assert_eq!(
+            c.assignments[1].accounts[0],
+            AccountRef::Id(AccountId::try_from("012345678901".to_string()).unwrap())
+        );
         assert_eq!(c.assignments[1].assign, AssignMode::Members);
     }
 
@@ -626,6 +743,36 @@ assignments:
         ));
         assert_eq!(key, "entra.graph_url");
         assert!(message.contains("https"), "{message}");
+    }
+
+    #[test]
+    fn scopes_parse_and_check_their_shapes() {
+        let scoped = VALID.replace(
+            "    accounts: [\"111111111111\", \"222222222222\"]\n",
+            "    accounts: [\"111111111111\", Shared Services]\n    organizational_units: [ou-ab12-34cd56ef, Root/Workloads/Prod]\n    account_tags: {environment: production}\n    exclude_accounts: [\"999999999999\"]\n    exclude_organizational_units: [Root/Workloads/Prod/Sandbox]\n",
+        );
+        let c = Config::parse(&scoped, "c.yaml").unwrap();
+        let r = &c.assignments[0];
+        assert_eq!(r.accounts[1], AccountRef::Name("Shared Services".into()));
+        assert_eq!(
+            r.organizational_units[1],
+            OuRef::Path("Root/Workloads/Prod".into())
+        );
+        assert_eq!(r.account_tags["environment"], "production");
+
+        let (key, message) = err(&scoped.replace("Shared Services", "12345"));
+        assert_eq!(key, "assignments[0].accounts[1]");
+        assert!(message.contains("12-digit"), "{message}");
+        let (key, _) = err(&scoped.replace("Root/Workloads/Prod]", "Workloads/Prod]"));
+        assert_eq!(key, "assignments[0].organizational_units[1]");
+        let (key, message) = err(&VALID.replace("    accounts: [\"012345678901\"]\n", ""));
+        assert_eq!(key, "assignments[1]");
+        assert!(message.contains("expected a scope"), "{message}");
+        let all = VALID.replace(
+            "    accounts: [\"012345678901\"]\n",
+            "    all_accounts: true\n",
+        );
+        assert!(Config::parse(&all, "c.yaml").unwrap().assignments[1].all_accounts);
     }
 
     #[test]

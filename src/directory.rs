@@ -85,6 +85,8 @@ pub trait Directory: Send + Sync {
     async fn group(&self, id: &Guid) -> Result<Option<DirGroup>, DirectoryError>;
     /// Every user who is a member of the group directly or through nested groups, each once.
     async fn transitive_users(&self, group_id: &str) -> Result<Vec<DirUser>, DirectoryError>;
+    /// Every group nested in the group, at any depth, each once.
+    async fn transitive_groups(&self, group_id: &str) -> Result<Vec<DirGroup>, DirectoryError>;
     /// Requests sent so far (for the run report).
     fn calls(&self) -> u64;
 }
@@ -426,6 +428,21 @@ impl Directory for GraphClient {
                 user_principal_name: u.user_principal_name,
             })
             .collect())
+    }
+
+    async fn transitive_groups(&self, group_id: &str) -> Result<Vec<DirGroup>, DirectoryError> {
+        let path = format!("/groups/{group_id}/transitiveMembers/microsoft.graph.group");
+        let url = self.url(
+            &path,
+            &[
+                ("$select", "id,displayName"),
+                ("$top", PAGE_SIZE),
+                ("$count", "true"),
+            ],
+        );
+        let what = format!("GET /groups/{group_id}/transitiveMembers/microsoft.graph.group");
+        let groups: Vec<GraphGroup> = self.get_all(url, &what, true).await?.unwrap_or_default();
+        Ok(groups.into_iter().map(into_group).collect())
     }
 
     fn calls(&self) -> u64 {

@@ -1,14 +1,16 @@
-//! One reconcile run: gather (Graph, identity store, ledger, Identity Center), plan (pure),
-//! apply (bounded, asynchronous requests polled to the end), record. The CLI and the Lambda
-//! handler both build a [`RunRequest`] and call [`Engine::run`].
+//! One reconcile run: gather (organization, Graph, identity store, ledger, Identity Center),
+//! plan (pure), apply (bounded, asynchronous requests polled to the end), record. The CLI and
+//! the Lambda handler both build a [`RunRequest`] and call [`Engine::run`].
 
 use crate::aws::AwsError;
-use crate::config::{AssignMode, Config, GroupRef, PermissionSetRef};
-use crate::directory::{DirGroup, Directory, DirectoryError};
+use crate::config::{AssignMode, Config, GroupRef, PermissionSetRef, Rule};
+use crate::directory::{DirGroup, DirUser, Directory, DirectoryError};
 use crate::identity::{self, IdentityStore, Kind, Strategy, Wanted};
-use crate::model::{AccountId, Assignment, Principal, PrincipalType};
+use crate::model::{AccountId, Assignment, Guid, Principal, PrincipalType};
+use crate::organizations::OrganizationApi;
 use crate::plan::{self, Change, Limits, Owned, PlanInput, ResolvedRule, RuleSource};
 use crate::report::{ChangeView, Failure, Outcome, Report, RuleView, Unresolved};
+use crate::scope::{self, Expansion, ScopeError};
 use crate::sso::{AssignmentApi, Operation, RequestStatus};
 use crate::state::{now_rfc3339, LedgerEntry, RunRecord, StateStore};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +29,49 @@ pub enum Mode {
     Apply,
 }
 
+/// Which part of the configuration a run reconciles.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Every rule and account.
+    #[default]
+    All,
+    /// Only what these accounts and Entra groups touch: rules reaching (or that used to reach)
+    /// the accounts, and rules whose Entra group is or contains one of the groups.
+    Only {
+        /// Accounts that changed (created, moved, retagged).
+        accounts: BTreeSet<AccountId>,
+        /// Entra groups whose membership changed.
+        entra_groups: BTreeSet<Guid>,
+    },
+}
+
+impl Target {
+    /// The union of two targets: what either asks for.
+    pub fn merge(self, other: Target) -> Target {
+        match (self, other) {
+            (Target::All, _) | (_, Target::All) => Target::All,
+            (
+                Target::Only {
+                    mut accounts,
+                    mut entra_groups,
+                },
+                Target::Only {
+                    accounts: a,
+                    entra_groups: g,
+                },
+            ) => {
+                accounts.extend(a);
+                entra_groups.extend(g);
+                Target::Only {
+                    accounts,
+                    entra_groups,
+                }
+            }
+        }
+    }
+}
+
 /// What to run, as the CLI or the Lambda handler asks for it.
 #[derive(Clone, Debug)]
 pub struct RunRequest {
@@ -36,6 +81,8 @@ pub struct RunRequest {
     pub trigger: String,
     /// The operator's one-off deletion allowance.
     pub allow_deletions: Option<u32>,
+    /// Which rules and accounts to reconcile.
+    pub target: Target,
 }
 
 /// A run that could not complete its reads; nothing was changed.
@@ -55,6 +102,9 @@ pub enum EngineError {
         /// The name it gave.
         name: String,
     },
+    /// A rule's scope names an account or OU that does not exist, or is ambiguous.
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
 }
 
 /// Tunables of the apply phase.
@@ -92,8 +142,19 @@ pub struct Engine {
     pub sso: Arc<dyn AssignmentApi>,
     /// The state table.
     pub state: Arc<dyn StateStore>,
+    /// AWS Organizations (read only when a rule needs it).
+    pub organizations: Arc<dyn OrganizationApi>,
     /// Apply tunables.
     pub settings: ApplySettings,
+}
+
+/// Each rule's expanded scope, in configuration order.
+pub struct Scopes {
+    /// One expansion per rule.
+    pub expansions: Vec<Expansion>,
+    /// Accounts no rule may target this run, with why (the management account, for a
+    /// delegated administrator).
+    pub unmanageable: BTreeMap<AccountId, String>,
 }
 
 /// Everything gathered before planning.
@@ -103,6 +164,38 @@ struct Gathered {
     unresolved: Vec<Unresolved>,
     principal_names: BTreeMap<Principal, String>,
     permission_set_names: BTreeMap<String, String>,
+}
+
+/// The instance's permission sets, both ways, when some rule names one by name.
+#[derive(Default)]
+struct PermissionSets {
+    by_name: BTreeMap<String, String>,
+    names: BTreeMap<String, String>,
+}
+
+impl PermissionSets {
+    /// The ARN a rule's permission set stands for.
+    fn arn_of(&self, rule: &Rule) -> Result<String, EngineError> {
+        match &rule.permission_set {
+            PermissionSetRef::Arn(arn) => Ok(arn.clone()),
+            PermissionSetRef::Name(name) => {
+                self.by_name
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| EngineError::UnknownPermissionSet {
+                        rule: rule.name.to_string(),
+                        name: name.clone(),
+                    })
+            }
+        }
+    }
+}
+
+/// A rule chosen for this run, and the accounts of its scope this run reconciles.
+struct Selected<'a> {
+    rule: &'a Rule,
+    expansion: &'a Expansion,
+    accounts: BTreeSet<AccountId>,
 }
 
 impl Engine {
@@ -116,14 +209,57 @@ impl Engine {
             started_at.replace([':', '-'], ""),
             fastrand::u32(..)
         );
-        tracing::info!(run_id, trigger = req.trigger, mode = ?req.mode, "run started");
+        tracing::info!(run_id, trigger = req.trigger, mode = ?req.mode, target = ?req.target, "run started");
 
-        let mut g = self.gather(config).await?;
         let ledger = self.state.ledger().await?;
+        let scopes = self.expand_scopes(config).await?;
+        let groups = self.find_groups(config).await?;
+        let permission_sets = self.permission_sets(config).await?;
+        let selected = self
+            .select(
+                config,
+                &req.target,
+                &scopes,
+                &groups,
+                &permission_sets,
+                &ledger,
+            )
+            .await?;
+        let mut g = self
+            .resolve(&selected, &groups, &scopes, permission_sets)
+            .await?;
+
+        let mut observed: BTreeSet<(AccountId, String)> = BTreeSet::new();
+        for r in &g.rules {
+            for acct in &r.accounts {
+                observed.insert((acct.clone(), r.permission_set_arn.clone()));
+            }
+        }
+        let selected_names: BTreeSet<&str> = g.rules.iter().map(|r| r.name.as_str()).collect();
+        let targeted_accounts = match &req.target {
+            Target::All => None,
+            Target::Only { accounts, .. } => Some(accounts),
+        };
         for e in &ledger {
+            let a = &e.assignment;
+            // A ledger entry is judged when its account is in reach: every entry in a full run;
+            // in a targeted run, entries on the targeted accounts or of the selected rules.
+            let in_reach = match targeted_accounts {
+                None => true,
+                Some(accounts) => {
+                    accounts.contains(&a.account_id)
+                        || e.owned
+                            .rules
+                            .iter()
+                            .any(|r| selected_names.contains(r.as_str()))
+                }
+            };
+            if in_reach && !scopes.unmanageable.contains_key(&a.account_id) {
+                observed.insert((a.account_id.clone(), a.permission_set_arn.clone()));
+            }
             if let Some(name) = &e.principal_name {
                 g.principal_names
-                    .entry(e.assignment.principal())
+                    .entry(a.principal())
                     .or_insert_with(|| name.clone());
             }
         }
@@ -132,15 +268,6 @@ impl Engine {
             .map(|e| (e.assignment, e.owned))
             .collect();
 
-        let mut observed: BTreeSet<(AccountId, String)> = owned
-            .keys()
-            .map(|a| (a.account_id.clone(), a.permission_set_arn.clone()))
-            .collect();
-        for r in &g.rules {
-            for acct in &r.accounts {
-                observed.insert((acct.clone(), r.permission_set_arn.clone()));
-            }
-        }
         tracing::info!(pairs = observed.len(), "reading current assignments");
         let mut actual = BTreeSet::new();
         for (acct, ps) in &observed {
@@ -186,6 +313,7 @@ impl Engine {
         let mut report = Report {
             run_id,
             trigger: req.trigger.clone(),
+            target: req.target.clone(),
             mode: req.mode,
             outcome,
             started_at,
@@ -207,6 +335,7 @@ impl Engine {
             calls: BTreeMap::from([
                 ("graph".to_string(), self.directory.calls()),
                 ("identitystore".to_string(), self.identity.calls()),
+                ("organizations".to_string(), self.organizations.calls()),
                 ("sso-admin".to_string(), self.sso.calls()),
             ]),
         };
@@ -233,24 +362,52 @@ impl Engine {
         }
     }
 
-    /// Looks up everything the rules name: permission sets, Entra groups and their members,
-    /// and the identity-store principals they map to.
-    async fn gather(&self, config: &Config) -> Result<Gathered, EngineError> {
-        let mut permission_set_names = BTreeMap::new();
-        let mut ps_by_name = BTreeMap::new();
-        if config
+    /// Expands every rule's scope, reading the organization once when some rule needs it.
+    pub async fn expand_scopes(&self, config: &Config) -> Result<Scopes, EngineError> {
+        let needs_org = config.assignments.iter().any(scope::needs_organization);
+        let mut unmanageable = BTreeMap::new();
+        let org = if needs_org {
+            let with_tags = config
+                .assignments
+                .iter()
+                .any(|r| !r.account_tags.is_empty());
+            let org = self.organizations.snapshot(with_tags).await?;
+            if let Some(mgmt) = &org.management_account {
+                let caller = self.organizations.caller_account().await?;
+                if caller.as_ref() != Some(mgmt) {
+                    unmanageable.insert(
+                        mgmt.clone(),
+                        "the management account: a delegated administrator cannot manage its assignments".to_string(),
+                    );
+                }
+            }
+            tracing::info!(
+                accounts = org.accounts.len(),
+                units = org.units.len(),
+                "read the organization"
+            );
+            Some(org)
+        } else {
+            None
+        };
+        let expansions = config
             .assignments
             .iter()
-            .any(|r| matches!(r.permission_set, PermissionSetRef::Name(_)))
-        {
-            for ps in self.sso.permission_sets().await? {
-                ps_by_name.insert(ps.name.clone(), ps.arn.clone());
-                permission_set_names.insert(ps.arn, ps.name);
-            }
-        }
+            .map(|r| scope::expand(r, org.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Scopes {
+            expansions,
+            unmanageable,
+        })
+    }
 
-        // Each distinct Entra group once, however many rules name it.
-        let mut groups: BTreeMap<&GroupRef, Result<DirGroup, String>> = BTreeMap::new();
+    /// Looks up each distinct Entra group once, however many rules name it. A group that does
+    /// not exist, or a name that several groups share, is an `Err` for the rules naming it.
+    async fn find_groups(
+        &self,
+        config: &Config,
+    ) -> Result<BTreeMap<GroupRef, Result<DirGroup, String>>, EngineError> {
+        let mut groups = BTreeMap::new();
         for rule in &config.assignments {
             if groups.contains_key(&rule.entra_group) {
                 continue;
@@ -276,13 +433,142 @@ impl Engine {
                     }
                 }
             };
-            groups.insert(&rule.entra_group, found);
+            groups.insert(rule.entra_group.clone(), found);
         }
+        Ok(groups)
+    }
 
+    /// Chooses the rules a run reconciles and, for each, the accounts of its scope in play.
+    /// A targeted run also takes every rule that shares an (account, permission set) pair with
+    /// a chosen one, so no assignment is judged without all the rules that may want it.
+    async fn select<'a>(
+        &self,
+        config: &'a Config,
+        target: &Target,
+        scopes: &'a Scopes,
+        groups: &BTreeMap<GroupRef, Result<DirGroup, String>>,
+        permission_sets: &PermissionSets,
+        ledger: &[LedgerEntry],
+    ) -> Result<Vec<Selected<'a>>, EngineError> {
+        let rules: Vec<(&Rule, &Expansion)> =
+            config.assignments.iter().zip(&scopes.expansions).collect();
+        let in_scope = |e: &Expansion| -> BTreeSet<AccountId> {
+            e.accounts
+                .keys()
+                .filter(|a| !scopes.unmanageable.contains_key(*a))
+                .cloned()
+                .collect()
+        };
+        let (accounts, entra_groups) = match target {
+            Target::All => {
+                return Ok(rules
+                    .into_iter()
+                    .map(|(rule, expansion)| Selected {
+                        rule,
+                        expansion,
+                        accounts: in_scope(expansion),
+                    })
+                    .collect())
+            }
+            Target::Only {
+                accounts,
+                entra_groups,
+            } => (accounts, entra_groups),
+        };
+
+        // Rules whose Entra group is, or contains, a changed group.
+        let mut by_group: BTreeSet<&str> = BTreeSet::new();
+        if !entra_groups.is_empty() {
+            let mut contains: BTreeMap<&str, bool> = BTreeMap::new();
+            for (rule, _) in &rules {
+                let Some(Ok(g)) = groups.get(&rule.entra_group) else {
+                    continue;
+                };
+                if !contains.contains_key(g.id.as_str()) {
+                    let hit = entra_groups
+                        .iter()
+                        .any(|t| t.as_str() == g.id.to_ascii_lowercase())
+                        || self
+                            .directory
+                            .transitive_groups(&g.id)
+                            .await?
+                            .iter()
+                            .any(|n| {
+                                entra_groups
+                                    .iter()
+                                    .any(|t| t.as_str() == n.id.to_ascii_lowercase())
+                            });
+                    contains.insert(g.id.as_str(), hit);
+                }
+                if contains[g.id.as_str()] {
+                    by_group.insert(rule.name.as_str());
+                }
+            }
+        }
+        let mut chosen: BTreeMap<&str, BTreeSet<AccountId>> = BTreeMap::new();
+        for (rule, expansion) in &rules {
+            let scope = in_scope(expansion);
+            let accounts: BTreeSet<AccountId> = if by_group.contains(rule.name.as_str()) {
+                scope
+            } else {
+                scope.intersection(accounts).cloned().collect()
+            };
+            if !accounts.is_empty() || by_group.contains(rule.name.as_str()) {
+                chosen.insert(rule.name.as_str(), accounts);
+            }
+        }
+        // Pairs in play: the chosen rules' and the ledger's on the targeted accounts.
+        let mut pairs: BTreeSet<(AccountId, String)> = BTreeSet::new();
+        for (rule, _) in &rules {
+            let arn = permission_sets.arn_of(rule)?;
+            for a in chosen.get(rule.name.as_str()).into_iter().flatten() {
+                pairs.insert((a.clone(), arn.clone()));
+            }
+        }
+        let targeted_ledger_accounts: BTreeSet<&AccountId> = ledger
+            .iter()
+            .map(|e| &e.assignment.account_id)
+            .filter(|a| accounts.contains(*a))
+            .collect();
+        for (rule, expansion) in &rules {
+            let arn = permission_sets.arn_of(rule)?;
+            let shared: BTreeSet<AccountId> = in_scope(expansion)
+                .into_iter()
+                .filter(|a| {
+                    pairs.contains(&(a.clone(), arn.clone()))
+                        || targeted_ledger_accounts.contains(a)
+                })
+                .collect();
+            if !shared.is_empty() {
+                chosen.entry(rule.name.as_str()).or_default().extend(shared);
+            }
+        }
+        Ok(rules
+            .into_iter()
+            .filter_map(|(rule, expansion)| {
+                chosen.remove(rule.name.as_str()).map(|accounts| Selected {
+                    rule,
+                    expansion,
+                    accounts,
+                })
+            })
+            .collect())
+    }
+
+    /// Reads members and finds the identity-store principals and permission sets of the
+    /// selected rules.
+    async fn resolve(
+        &self,
+        selected: &[Selected<'_>],
+        groups: &BTreeMap<GroupRef, Result<DirGroup, String>>,
+        scopes: &Scopes,
+        permission_sets: PermissionSets,
+    ) -> Result<Gathered, EngineError> {
         // Transitive members of each members-mode group, read in full or not at all.
-        let mut members = BTreeMap::new();
-        for rule in &config.assignments {
-            if let (AssignMode::Members, Some(Ok(g))) = (rule.assign, groups.get(&rule.entra_group))
+        let mut members: BTreeMap<String, Vec<DirUser>> = BTreeMap::new();
+        for s in selected {
+            if let (AssignMode::Members, Some(Ok(g))) =
+                (s.rule.assign, groups.get(&s.rule.entra_group))
             {
                 if !members.contains_key(&g.id) {
                     let users = self.directory.transitive_users(&g.id).await?;
@@ -296,25 +582,16 @@ impl Engine {
             }
         }
 
-        let mut principal_names = BTreeMap::new();
-        let wanted_groups: BTreeSet<Wanted> = config
-            .assignments
+        let wanted_groups: BTreeSet<Wanted> = selected
             .iter()
-            .filter(|r| r.assign == AssignMode::Group)
-            .filter_map(|r| groups.get(&r.entra_group)?.as_ref().ok())
+            .filter(|s| s.rule.assign == AssignMode::Group)
+            .filter_map(|s| groups.get(&s.rule.entra_group)?.as_ref().ok())
             .map(|g| Wanted {
                 entra_id: g.id.clone(),
                 name: g.display_name.clone(),
             })
             .collect();
-        let wanted_groups: Vec<Wanted> = wanted_groups.into_iter().collect();
-        let store_groups = identity::resolve(
-            self.identity.as_ref(),
-            Kind::Group,
-            &wanted_groups,
-            Strategy::choose(wanted_groups.len(), None),
-        )
-        .await?;
+        let store_groups = self.find_principals(Kind::Group, wanted_groups).await?;
         let wanted_users: BTreeSet<Wanted> = members
             .values()
             .flatten()
@@ -324,28 +601,15 @@ impl Engine {
                 name: u.user_principal_name.clone(),
             })
             .collect();
-        let wanted_users: Vec<Wanted> = wanted_users.into_iter().collect();
-        let store_users = identity::resolve(
-            self.identity.as_ref(),
-            Kind::User,
-            &wanted_users,
-            Strategy::choose(wanted_users.len(), None),
-        )
-        .await?;
+        let store_users = self.find_principals(Kind::User, wanted_users).await?;
 
+        let mut principal_names = BTreeMap::new();
         let mut rules = Vec::new();
         let mut views = Vec::new();
         let mut unresolved: BTreeMap<String, Unresolved> = BTreeMap::new();
-        for rule in &config.assignments {
-            let permission_set_arn = match &rule.permission_set {
-                PermissionSetRef::Arn(arn) => arn.clone(),
-                PermissionSetRef::Name(name) => ps_by_name.get(name).cloned().ok_or_else(|| {
-                    EngineError::UnknownPermissionSet {
-                        rule: rule.name.to_string(),
-                        name: name.clone(),
-                    }
-                })?,
-            };
+        for s in selected {
+            let rule = s.rule;
+            let permission_set_arn = permission_sets.arn_of(rule)?;
             let source = match groups.get(&rule.entra_group) {
                 Some(Ok(g)) => match rule.assign {
                     AssignMode::Group => match store_groups.get(&g.id) {
@@ -367,8 +631,7 @@ impl Engine {
                     AssignMode::Members => {
                         let mut principals = BTreeSet::new();
                         for u in members.get(&g.id).into_iter().flatten() {
-                            let found = store_users.get(&u.id).filter(|_| u.account_enabled);
-                            match found {
+                            match store_users.get(&u.id).filter(|_| u.account_enabled) {
                                 Some(id) => {
                                     let p = Principal {
                                         principal_type: PrincipalType::User,
@@ -406,12 +669,36 @@ impl Engine {
                     reason: "Entra group was not looked up".into(),
                 },
             };
-            views.push(RuleView::new(rule, &permission_set_arn, &source));
+            let hold_deletions = s
+                .expansion
+                .accounts
+                .is_empty()
+                .then(|| "its scope expands to zero accounts".to_string());
+            let skipped: Vec<String> = s
+                .expansion
+                .accounts
+                .keys()
+                .filter_map(|a| scopes.unmanageable.get(a).map(|why| format!("{a}: {why}")))
+                .chain(
+                    s.expansion
+                        .skipped_inactive
+                        .iter()
+                        .map(|a| format!("{a}: not ACTIVE")),
+                )
+                .collect();
+            views.push(RuleView::new(
+                rule,
+                &permission_set_arn,
+                &source,
+                s.expansion,
+                skipped,
+            ));
             rules.push(ResolvedRule {
                 name: rule.name.to_string(),
                 permission_set_arn,
-                accounts: rule.accounts.iter().cloned().collect(),
+                accounts: s.accounts.clone(),
                 source,
+                hold_deletions,
             });
         }
         Ok(Gathered {
@@ -419,8 +706,35 @@ impl Engine {
             views,
             unresolved: unresolved.into_values().collect(),
             principal_names,
-            permission_set_names,
+            permission_set_names: permission_sets.names,
         })
+    }
+
+    /// Lists the instance's permission sets when some rule names one by name.
+    async fn permission_sets(&self, config: &Config) -> Result<PermissionSets, EngineError> {
+        let mut sets = PermissionSets::default();
+        if config
+            .assignments
+            .iter()
+            .any(|r| matches!(r.permission_set, PermissionSetRef::Name(_)))
+        {
+            for ps in self.sso.permission_sets().await? {
+                sets.by_name.insert(ps.name.clone(), ps.arn.clone());
+                sets.names.insert(ps.arn, ps.name);
+            }
+        }
+        Ok(sets)
+    }
+
+    /// Identity-store ids for Entra objects, by the cheaper strategy.
+    async fn find_principals(
+        &self,
+        kind: Kind,
+        wanted: BTreeSet<Wanted>,
+    ) -> Result<BTreeMap<String, String>, EngineError> {
+        let wanted: Vec<Wanted> = wanted.into_iter().collect();
+        let strategy = Strategy::choose(wanted.len(), None);
+        Ok(identity::resolve(self.identity.as_ref(), kind, &wanted, strategy).await?)
     }
 
     /// Applies a plan: ledger housekeeping, then creations, then deletions, each request
@@ -653,6 +967,7 @@ impl Engine {
                 instance.identity_store_id,
             )),
             sso: Arc::new(crate::sso::SdkAssignments::new(sso_client, instance.arn)),
+            organizations: Arc::new(crate::organizations::SdkOrganizations::new(sdk)),
             state: Arc::new(crate::state::DynamoState::new(
                 aws_sdk_dynamodb::Client::new(sdk),
                 config.state.table.to_string(),

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use entra_sso_sync::aws::load_config;
 use entra_sso_sync::config::Config;
-use entra_sso_sync::engine::{Engine, Mode, RunRequest};
+use entra_sso_sync::engine::{Engine, Mode, RunRequest, Target};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -112,6 +112,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
         mode,
         trigger: "cli".into(),
         allow_deletions,
+        target: Target::All,
     };
     let report = engine.run(&config, &request).await.map_err(|e| chain(&e))?;
     match args.output {

@@ -18,6 +18,9 @@ pub struct ResolvedRule {
     pub accounts: BTreeSet<AccountId>,
     /// What the rule grants, or why it cannot be evaluated this run.
     pub source: RuleSource,
+    /// Set when the rule's source looks suspicious (a scope of zero accounts, a group that lost
+    /// every member): the rule still grants, but deletions of what it owned are held.
+    pub hold_deletions: Option<String>,
 }
 
 /// The principals a rule grants, when they are known.
@@ -207,9 +210,11 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
 fn apply_safety(plan: &mut Plan, candidates: Vec<Change>, rules: &[ResolvedRule], limits: Limits) {
     let held_rules: BTreeMap<&str, &str> = rules
         .iter()
-        .filter_map(|r| match &r.source {
-            RuleSource::Held { reason } => Some((r.name.as_str(), reason.as_str())),
-            RuleSource::Resolved(_) => None,
+        .filter_map(|r| match (&r.source, &r.hold_deletions) {
+            (RuleSource::Held { reason }, _) | (_, Some(reason)) => {
+                Some((r.name.as_str(), reason.as_str()))
+            }
+            (RuleSource::Resolved(_), None) => None,
         })
         .collect();
     let overridden = limits.allow_deletions.is_some();
@@ -295,6 +300,7 @@ mod tests {
             permission_set_arn: PS.into(),
             accounts: accounts.iter().map(|&a| acct(a)).collect(),
             source: RuleSource::Resolved(principals.iter().map(|p| group(p)).collect()),
+            hold_deletions: None,
         }
     }
 
@@ -420,6 +426,18 @@ mod tests {
             },
         );
         assert_eq!(p.deletes.len(), 1, "the operator's override releases it");
+    }
+
+    #[test]
+    fn a_suspicious_rule_still_grants_but_its_deletions_are_held() {
+        let mut r = rule("r", &[1], &["new"]);
+        r.hold_deletions = Some("scope expands to zero accounts".into());
+        let actual = BTreeSet::from([asg(1, "old")]);
+        let owned = BTreeMap::from([(asg(1, "old"), owned_by(&["r"]))]);
+        let p = run(&[r], &actual, &owned, LIMITS);
+        assert_eq!(p.creates.len(), 1);
+        assert!(p.deletes.is_empty());
+        assert!(p.held[0].reason.contains("zero accounts"), "{:?}", p.held);
     }
 
     #[test]

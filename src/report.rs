@@ -2,9 +2,10 @@
 //! and as a table a person can review before applying. Exit codes derive from it.
 
 use crate::config::{AssignMode, Rule};
-use crate::engine::Mode;
+use crate::engine::{Mode, Target};
 use crate::model::{Assignment, Principal};
 use crate::plan::{Change, GuardTrip, Plan, RuleSource};
+use crate::scope::Expansion;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,7 +20,7 @@ pub enum Outcome {
     ChangesPending,
     /// Apply mode: every change was made.
     Applied,
-    /// Apply mode: a deletion cap stopped the deletions (creations were made).
+    /// Apply mode: safety rules held deletions back (creations were made).
     Guarded,
     /// Some rule could not be evaluated or some change failed.
     Failed,
@@ -32,7 +33,7 @@ impl Outcome {
             return Outcome::Failed;
         }
         match mode {
-            Mode::Apply if plan.guard.is_some() => Outcome::Guarded,
+            Mode::Apply if plan.guard.is_some() || !plan.held.is_empty() => Outcome::Guarded,
             Mode::Apply if plan.is_in_sync() => Outcome::InSync,
             Mode::Apply => Outcome::Applied,
             Mode::Plan if plan.is_in_sync() && plan.held.is_empty() => Outcome::InSync,
@@ -164,8 +165,12 @@ pub struct RuleView {
     pub assign: AssignMode,
     /// Resolved permission set ARN.
     pub permission_set_arn: String,
-    /// How many accounts it targets.
+    /// How many accounts its scope covers.
     pub accounts: usize,
+    /// The accounts of its scope, each with the scope entries that reach it.
+    pub scope: Expansion,
+    /// Accounts in scope that are not reconciled, with why.
+    pub skipped: Vec<String>,
     /// How many principals it grants (None when held).
     pub principals: Option<usize>,
     /// Why the rule is held, when it is.
@@ -174,7 +179,13 @@ pub struct RuleView {
 
 impl RuleView {
     /// Summarises a resolved rule.
-    pub fn new(rule: &Rule, permission_set_arn: &str, source: &RuleSource) -> Self {
+    pub fn new(
+        rule: &Rule,
+        permission_set_arn: &str,
+        source: &RuleSource,
+        scope: &Expansion,
+        skipped: Vec<String>,
+    ) -> Self {
         let (principals, held) = match source {
             RuleSource::Resolved(p) => (Some(p.len()), None),
             RuleSource::Held { reason } => (None, Some(reason.clone())),
@@ -184,7 +195,9 @@ impl RuleView {
             entra_group: String::from(rule.entra_group.clone()),
             assign: rule.assign,
             permission_set_arn: permission_set_arn.to_string(),
-            accounts: rule.accounts.len(),
+            accounts: scope.accounts.len(),
+            scope: scope.clone(),
+            skipped,
             principals,
             held,
         }
@@ -198,6 +211,8 @@ pub struct Report {
     pub run_id: String,
     /// What started the run.
     pub trigger: String,
+    /// Which rules and accounts it reconciled.
+    pub target: Target,
     /// plan or apply.
     pub mode: Mode,
     /// How it ended.
@@ -278,6 +293,18 @@ impl Report {
                 })
             )
         );
+        for r in &self.rules {
+            if r.accounts == 0 {
+                let _ = writeln!(
+                    out,
+                    "WARNING: rule {}: its scope expands to zero accounts",
+                    r.name
+                );
+            }
+            for s in &r.skipped {
+                let _ = writeln!(out, "Skipped for rule {}: {s}", r.name);
+            }
+        }
         let sections = [
             (format!("Assignments {}", verb.0), "+", &self.creates),
             (format!("Assignments {}", verb.1), "-", &self.deletes),

@@ -89,16 +89,19 @@ async fn plan_apply_plan_from_s3_with_the_secret_in_secrets_manager_and_nothing_
         "  graph_url:",
         &format!("  client_secret_arn: {arn}\n  graph_url:"),
     );
+    // Bucket names are global in moto as in AWS: one per test account.
+    let bucket = format!("cfg-{}", s.account.account_id);
     let s3 = aws_sdk_s3::Client::new(sdk);
-    s3.create_bucket().bucket("cfg").send().await.unwrap();
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
     s3.put_object()
-        .bucket("cfg")
+        .bucket(&bucket)
         .key("entra-sso-sync.yaml")
         .body(config.into_bytes().into())
         .send()
         .await
         .unwrap();
-    let env = [("CONFIG_URI", "s3://cfg/entra-sso-sync.yaml")];
+    let uri = format!("s3://{bucket}/entra-sso-sync.yaml");
+    let env = [("CONFIG_URI", uri.as_str())];
 
     let plan = cli(&s, &["plan", "--output", "json"], &env).await;
     assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));

@@ -7,7 +7,7 @@ use devstack::graph::{FakeGraph, Group, Tenant, User};
 use devstack::moto::{self, IdentityCenter, MotoAccount, Provisioned};
 use entra_sso_sync::config::Config;
 use entra_sso_sync::directory::{GraphClient, GraphSettings};
-use entra_sso_sync::engine::{Engine, EngineError, Mode, RunRequest};
+use entra_sso_sync::engine::{Engine, EngineError, Mode, RunRequest, Target};
 use entra_sso_sync::model::Secret;
 use entra_sso_sync::report::Report;
 use entra_sso_sync::retry::Backoff;
@@ -160,17 +160,25 @@ impl Stack {
         mode: Mode,
         allow_deletions: Option<u32>,
     ) -> Result<Report, EngineError> {
-        let engine = self.engine(config).await;
-        engine
-            .run(
-                config,
-                &RunRequest {
-                    mode,
-                    trigger: "test".into(),
-                    allow_deletions,
-                },
-            )
+        self.run_targeted(config, mode, allow_deletions, Target::All)
             .await
+    }
+
+    pub async fn run_targeted(
+        &self,
+        config: &Config,
+        mode: Mode,
+        allow_deletions: Option<u32>,
+        target: Target,
+    ) -> Result<Report, EngineError> {
+        let engine = self.engine(config).await;
+        let request = RunRequest {
+            mode,
+            trigger: "test".into(),
+            allow_deletions,
+            target,
+        };
+        engine.run(config, &request).await
     }
 
     pub async fn run(&self, config: &Config, mode: Mode) -> Report {
