@@ -10,7 +10,7 @@ use crate::model::{AccountId, Assignment, Guid, Principal, PrincipalType};
 use crate::organizations::OrganizationApi;
 use crate::plan::{self, Change, Limits, Owned, PlanInput, ResolvedRule, RuleSource};
 use crate::report::{ChangeView, Failure, Outcome, Report, RuleView, Unresolved};
-use crate::scope::{self, Expansion, ScopeError};
+use crate::scope::{self, Expansion, Organization, ScopeError};
 use crate::sso::{AssignmentApi, Operation, RequestStatus};
 use crate::state::{now_rfc3339, LedgerEntry, RunRecord, StateStore};
 use std::collections::{BTreeMap, BTreeSet};
@@ -155,6 +155,8 @@ pub struct Scopes {
     /// Accounts no rule may target this run, with why (the management account, for a
     /// delegated administrator).
     pub unmanageable: BTreeMap<AccountId, String>,
+    /// The organization, when some rule needed it read.
+    pub organization: Option<Organization>,
 }
 
 /// Everything gathered before planning.
@@ -212,18 +214,11 @@ impl Engine {
         tracing::info!(run_id, trigger = req.trigger, mode = ?req.mode, target = ?req.target, "run started");
 
         let ledger = self.state.ledger().await?;
-        let scopes = self.expand_scopes(config).await?;
+        let scopes = expand_scopes(self.organizations.as_ref(), config).await?;
         let groups = self.find_groups(config).await?;
         let permission_sets = self.permission_sets(config).await?;
         let selected = self
-            .select(
-                config,
-                &req.target,
-                &scopes,
-                &groups,
-                &permission_sets,
-                &ledger,
-            )
+            .select(config, &req.target, &scopes, &groups, &permission_sets)
             .await?;
         let mut g = self
             .resolve(&selected, &groups, &scopes, permission_sets)
@@ -235,25 +230,17 @@ impl Engine {
                 observed.insert((acct.clone(), r.permission_set_arn.clone()));
             }
         }
-        let selected_names: BTreeSet<&str> = g.rules.iter().map(|r| r.name.as_str()).collect();
         let targeted_accounts = match &req.target {
             Target::All => None,
             Target::Only { accounts, .. } => Some(accounts),
         };
         for e in &ledger {
             let a = &e.assignment;
-            // A ledger entry is judged when its account is in reach: every entry in a full run;
-            // in a targeted run, entries on the targeted accounts or of the selected rules.
-            let in_reach = match targeted_accounts {
-                None => true,
-                Some(accounts) => {
-                    accounts.contains(&a.account_id)
-                        || e.owned
-                            .rules
-                            .iter()
-                            .any(|r| selected_names.contains(r.as_str()))
-                }
-            };
+            // A full run judges every ledger entry. A targeted run judges only the pairs of
+            // its selected rules and the targeted accounts, where every rule that reaches them
+            // was selected; other entries wait for a full run rather than be judged half-known.
+            let in_reach =
+                targeted_accounts.is_none_or(|accounts| accounts.contains(&a.account_id));
             if in_reach && !scopes.unmanageable.contains_key(&a.account_id) {
                 observed.insert((a.account_id.clone(), a.permission_set_arn.clone()));
             }
@@ -362,45 +349,6 @@ impl Engine {
         }
     }
 
-    /// Expands every rule's scope, reading the organization once when some rule needs it.
-    pub async fn expand_scopes(&self, config: &Config) -> Result<Scopes, EngineError> {
-        let needs_org = config.assignments.iter().any(scope::needs_organization);
-        let mut unmanageable = BTreeMap::new();
-        let org = if needs_org {
-            let with_tags = config
-                .assignments
-                .iter()
-                .any(|r| !r.account_tags.is_empty());
-            let org = self.organizations.snapshot(with_tags).await?;
-            if let Some(mgmt) = &org.management_account {
-                let caller = self.organizations.caller_account().await?;
-                if caller.as_ref() != Some(mgmt) {
-                    unmanageable.insert(
-                        mgmt.clone(),
-                        "the management account: a delegated administrator cannot manage its assignments".to_string(),
-                    );
-                }
-            }
-            tracing::info!(
-                accounts = org.accounts.len(),
-                units = org.units.len(),
-                "read the organization"
-            );
-            Some(org)
-        } else {
-            None
-        };
-        let expansions = config
-            .assignments
-            .iter()
-            .map(|r| scope::expand(r, org.as_ref()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Scopes {
-            expansions,
-            unmanageable,
-        })
-    }
-
     /// Looks up each distinct Entra group once, however many rules name it. A group that does
     /// not exist, or a name that several groups share, is an `Err` for the rules naming it.
     async fn find_groups(
@@ -448,7 +396,6 @@ impl Engine {
         scopes: &'a Scopes,
         groups: &BTreeMap<GroupRef, Result<DirGroup, String>>,
         permission_sets: &PermissionSets,
-        ledger: &[LedgerEntry],
     ) -> Result<Vec<Selected<'a>>, EngineError> {
         let rules: Vec<(&Rule, &Expansion)> =
             config.assignments.iter().zip(&scopes.expansions).collect();
@@ -517,7 +464,7 @@ impl Engine {
                 chosen.insert(rule.name.as_str(), accounts);
             }
         }
-        // Pairs in play: the chosen rules' and the ledger's on the targeted accounts.
+        // Pairs in play: every rule with a scope account in one of them joins, for those accounts.
         let mut pairs: BTreeSet<(AccountId, String)> = BTreeSet::new();
         for (rule, _) in &rules {
             let arn = permission_sets.arn_of(rule)?;
@@ -525,19 +472,11 @@ impl Engine {
                 pairs.insert((a.clone(), arn.clone()));
             }
         }
-        let targeted_ledger_accounts: BTreeSet<&AccountId> = ledger
-            .iter()
-            .map(|e| &e.assignment.account_id)
-            .filter(|a| accounts.contains(*a))
-            .collect();
         for (rule, expansion) in &rules {
             let arn = permission_sets.arn_of(rule)?;
             let shared: BTreeSet<AccountId> = in_scope(expansion)
                 .into_iter()
-                .filter(|a| {
-                    pairs.contains(&(a.clone(), arn.clone()))
-                        || targeted_ledger_accounts.contains(a)
-                })
+                .filter(|a| pairs.contains(&(a.clone(), arn.clone())))
                 .collect();
             if !shared.is_empty() {
                 chosen.entry(rule.name.as_str()).or_default().extend(shared);
@@ -909,6 +848,114 @@ fn op_name(op: Operation) -> &'static str {
         Operation::Create => "create",
         Operation::Delete => "delete",
     }
+}
+
+/// Expands every rule's scope, reading the organization once when some rule needs it.
+pub async fn expand_scopes(
+    organizations: &dyn OrganizationApi,
+    config: &Config,
+) -> Result<Scopes, EngineError> {
+    let needs_org = config.assignments.iter().any(scope::needs_organization);
+    let mut unmanageable = BTreeMap::new();
+    let org = if needs_org {
+        let with_tags = config
+            .assignments
+            .iter()
+            .any(|r| !r.account_tags.is_empty());
+        let org = organizations.snapshot(with_tags).await?;
+        if let Some(mgmt) = &org.management_account {
+            let caller = organizations.caller_account().await?;
+            if caller.as_ref() != Some(mgmt) {
+                unmanageable.insert(
+                    mgmt.clone(),
+                    "the management account: a delegated administrator cannot manage its assignments".to_string(),
+                );
+            }
+        }
+        tracing::info!(
+            accounts = org.accounts.len(),
+            units = org.units.len(),
+            "read the organization"
+        );
+        Some(org)
+    } else {
+        None
+    };
+    let expansions = config
+        .assignments
+        .iter()
+        .map(|r| scope::expand(r, org.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Scopes {
+        expansions,
+        unmanageable,
+        organization: org,
+    })
+}
+
+/// Why an account is or is not reached by each rule.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AccountExplanation {
+    /// The account.
+    pub account_id: AccountId,
+    /// Its name, when the organization was read.
+    pub name: Option<String>,
+    /// Its OU path, when the organization was read.
+    pub path: Option<String>,
+    /// Why no rule may target it, when that is so.
+    pub unmanageable: Option<String>,
+    /// Each rule: the scope entries that reach the account (empty: not reached).
+    pub rules: Vec<RuleReach>,
+}
+
+/// One rule's reach into an account.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RuleReach {
+    /// Rule name.
+    pub rule: String,
+    /// The Entra group as configured.
+    pub entra_group: String,
+    /// The permission set as configured.
+    pub permission_set: String,
+    /// The scope entries that reach the account; empty when the rule does not.
+    pub via: Vec<String>,
+    /// Set when the account is in the rule's scope but skipped (not ACTIVE).
+    pub skipped: Option<String>,
+}
+
+/// Which rules reach an account, and through which scope (reads only the organization).
+pub async fn explain_account(
+    organizations: &dyn OrganizationApi,
+    config: &Config,
+    account: &AccountId,
+) -> Result<AccountExplanation, EngineError> {
+    let scopes = expand_scopes(organizations, config).await?;
+    let org_account = scopes
+        .organization
+        .as_ref()
+        .and_then(|o| o.accounts.get(account).map(|a| (o, a)));
+    let rules = config
+        .assignments
+        .iter()
+        .zip(&scopes.expansions)
+        .map(|(rule, e)| RuleReach {
+            rule: rule.name.to_string(),
+            entra_group: String::from(rule.entra_group.clone()),
+            permission_set: rule.permission_set.to_string(),
+            via: e.accounts.get(account).cloned().unwrap_or_default(),
+            skipped: e
+                .skipped_inactive
+                .contains(account)
+                .then(|| "in scope but not ACTIVE".to_string()),
+        })
+        .collect();
+    Ok(AccountExplanation {
+        account_id: account.clone(),
+        name: org_account.map(|(_, a)| a.name.clone()),
+        path: org_account.map(|(o, a)| o.path(&a.parent)),
+        unmanageable: scopes.unmanageable.get(account).cloned(),
+        rules,
+    })
 }
 
 /// The Engine could not be wired to its services.

@@ -3,7 +3,9 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use entra_sso_sync::aws::load_config;
 use entra_sso_sync::config::Config;
-use entra_sso_sync::engine::{Engine, Mode, RunRequest, Target};
+use entra_sso_sync::engine::{explain_account, Engine, Mode, RunRequest, Target};
+use entra_sso_sync::model::AccountId;
+use entra_sso_sync::organizations::SdkOrganizations;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -39,6 +41,14 @@ enum Command {
     Validate(ConfigArg),
     /// Read everything, change nothing. Exit 0 in sync, 2 changes pending, 1 error.
     Plan(RunArgs),
+    /// Explain which rules reach an account, and through which scope.
+    Explain {
+        #[command(flatten)]
+        run: RunArgs,
+        /// The 12-digit account id.
+        #[arg(long)]
+        account: String,
+    },
     /// Make the changes. Exit 0 done, 1 error, 3 a safety guard held deletions back.
     Apply {
         #[command(flatten)]
@@ -97,6 +107,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
             println!("{}: valid ({} rules)", arg.config, config.assignments.len());
             return Ok(0);
         }
+        Command::Explain { run, account } => return explain(run, &account).await,
         Command::Plan(run) => (run, Mode::Plan, None),
         Command::Apply {
             run,
@@ -140,4 +151,43 @@ async fn read_config(uri: &str, sdk: Option<&aws_config::SdkConfig>) -> Result<C
         }
     };
     result.map_err(|e| e.to_string())
+}
+
+/// `explain --account`: reads only the configuration and the organization.
+async fn explain(args: RunArgs, account: &str) -> Result<u8, String> {
+    let account =
+        AccountId::try_from(account.to_string()).map_err(|e| format!("--account: {e}"))?;
+    let sdk = aws_config::load_from_env().await;
+    let config = read_config(&args.config.config, Some(&sdk)).await?;
+    let x = explain_account(&SdkOrganizations::new(&sdk), &config, &account)
+        .await
+        .map_err(|e| chain(&e))?;
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&x).map_err(|e| e.to_string())?
+        ),
+        Output::Text => {
+            let place = match (&x.name, &x.path) {
+                (Some(n), Some(p)) => format!(" ({n}, in {p})"),
+                _ => String::new(),
+            };
+            println!("Account {}{place}", x.account_id);
+            if let Some(why) = &x.unmanageable {
+                println!("  not managed: {why}");
+            }
+            for r in &x.rules {
+                let how = match (&r.skipped, r.via.is_empty()) {
+                    (Some(why), _) => format!("skipped: {why}"),
+                    (None, true) => "does not reach it".to_string(),
+                    (None, false) => format!("reaches it via {}", r.via.join("; ")),
+                };
+                println!(
+                    "  rule {}: {} for Entra group {}: {how}",
+                    r.rule, r.permission_set, r.entra_group
+                );
+            }
+        }
+    }
+    Ok(0)
 }

@@ -3,48 +3,7 @@
 
 mod common;
 
-use aws_credential_types::provider::ProvideCredentials;
 use common::*;
-use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_entra-sso-sync");
-
-/// Runs the CLI with the stack's moto account and no client secret in the environment.
-async fn cli(s: &Stack, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
-    let creds = s
-        .account
-        .sdk_config
-        .credentials_provider()
-        .expect("credentials")
-        .provide_credentials()
-        .await
-        .expect("credentials");
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_remove("ENTRA_CLIENT_SECRET")
-        .env_remove("CONFIG_URI")
-        .env("AWS_ACCESS_KEY_ID", creds.access_key_id())
-        .env("AWS_SECRET_ACCESS_KEY", creds.secret_access_key())
-        .env(
-            "AWS_SESSION_TOKEN",
-            creds.session_token().unwrap_or_default(),
-        )
-        .env("RUST_LOG", "debug");
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    tokio::task::spawn_blocking(move || cmd.output().expect("run the CLI"))
-        .await
-        .expect("join")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 #[tokio::test]
 async fn validate_exits_0_for_a_good_file_and_1_naming_the_key_for_a_bad_one() {
@@ -160,5 +119,41 @@ async fn a_missing_secret_is_a_clear_error() {
     assert!(
         s.graph.requests().is_empty(),
         "no Graph call without a secret"
+    );
+}
+
+#[tokio::test]
+async fn explain_account_names_the_rules_and_scopes_that_reach_it() {
+    let s = Stack::new().await;
+    let org = Org::new(&s).await;
+    let rules = "  - name: prod\n    entra_group: Platform Admins\n    permission_set: AdministratorAccess\n    organizational_units: [Root/Workloads/Prod]\n  - name: sandbox\n    entra_group: Developers\n    permission_set: ReadOnlyAccess\n    organizational_units: [Root/Sandbox]\n";
+    let dir = std::env::temp_dir().join(format!("ess-explain-{}", s.account.account_id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.yaml");
+    std::fs::write(&path, s.config_text(rules, 20)).unwrap();
+    let deep = &org.accounts["Deep One"];
+    let out = cli(
+        &s,
+        &[
+            "explain",
+            "--config",
+            path.to_str().unwrap(),
+            "--account",
+            deep,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("Deep One, in Root/Workloads/Prod/Payments/Deep"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rule prod: AdministratorAccess for Entra group Platform Admins: reaches it via organizational unit Root/Workloads/Prod"), "{stdout}");
+    assert!(
+        stdout
+            .contains("rule sandbox: ReadOnlyAccess for Entra group Developers: does not reach it"),
+        "{stdout}"
     );
 }

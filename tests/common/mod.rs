@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of it
 
+use aws_credential_types::provider::ProvideCredentials;
 use devstack::graph::{FakeGraph, Group, Tenant, User};
 use devstack::moto::{self, IdentityCenter, MotoAccount, Provisioned};
 use entra_sso_sync::config::Config;
@@ -12,6 +13,7 @@ use entra_sso_sync::model::Secret;
 use entra_sso_sync::report::Report;
 use entra_sso_sync::retry::Backoff;
 use std::collections::BTreeSet;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -211,4 +213,159 @@ impl Stack {
             .map(|&n| ("GROUP".to_string(), self.group_id(n)))
             .collect()
     }
+}
+
+/// An organization built in the stack's moto account:
+/// Root ⊃ Workloads ⊃ Prod ⊃ Payments ⊃ Deep (four levels), Root ⊃ Sandbox.
+pub struct Org {
+    pub client: aws_sdk_organizations::Client,
+    pub root: String,
+    pub ous: std::collections::BTreeMap<&'static str, String>,
+    pub accounts: std::collections::BTreeMap<&'static str, String>,
+}
+
+impl Org {
+    pub async fn new(s: &Stack) -> Org {
+        let client = aws_sdk_organizations::Client::new(&s.account.sdk_config);
+        client
+            .create_organization()
+            .feature_set(aws_sdk_organizations::types::OrganizationFeatureSet::All)
+            .send()
+            .await
+            .expect("create organization");
+        let root = client.list_roots().send().await.unwrap().roots.unwrap()[0]
+            .id
+            .clone()
+            .unwrap();
+        let mut org = Org {
+            client,
+            root: root.clone(),
+            ous: Default::default(),
+            accounts: Default::default(),
+        };
+        for (name, parent) in [
+            ("Workloads", None),
+            ("Prod", Some("Workloads")),
+            ("Payments", Some("Prod")),
+            ("Deep", Some("Payments")),
+            ("Sandbox", None),
+        ] {
+            let parent_id = parent.map_or(root.clone(), |p| org.ous[p].clone());
+            let ou = org
+                .client
+                .create_organizational_unit()
+                .parent_id(parent_id)
+                .name(name)
+                .send()
+                .await
+                .expect("create OU");
+            org.ous
+                .insert(name, ou.organizational_unit.unwrap().id.unwrap());
+        }
+        for (name, ou) in [
+            ("Prod Web", "Prod"),
+            ("Payments Main", "Payments"),
+            ("Deep One", "Deep"),
+            ("Sandbox Dev", "Sandbox"),
+            ("Retired", "Prod"),
+        ] {
+            org.create_account(name, ou).await;
+        }
+        org
+    }
+
+    /// Creates an account and moves it into the OU; returns its id.
+    pub async fn create_account(&mut self, name: &'static str, ou: &str) -> String {
+        let created = self
+            .client
+            .create_account()
+            .email(format!(
+                "{}@example.com",
+                name.replace(' ', ".").to_lowercase()
+            ))
+            .account_name(name)
+            .send()
+            .await
+            .expect("create account");
+        let id = created.create_account_status.unwrap().account_id.unwrap();
+        self.move_account(&id, &self.root.clone(), &self.ous[ou].clone())
+            .await;
+        self.accounts.insert(name, id.clone());
+        id
+    }
+
+    pub async fn move_account(&self, id: &str, from: &str, to: &str) {
+        self.client
+            .move_account()
+            .account_id(id)
+            .source_parent_id(from)
+            .destination_parent_id(to)
+            .send()
+            .await
+            .expect("move account");
+    }
+
+    pub async fn tag(&self, account: &str, key: &str, value: &str) {
+        self.client
+            .tag_resource()
+            .resource_id(&self.accounts[account])
+            .tags(
+                aws_sdk_organizations::types::Tag::builder()
+                    .key(key)
+                    .value(value)
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .expect("tag account");
+    }
+
+    pub async fn close(&self, account: &str) {
+        self.client
+            .close_account()
+            .account_id(&self.accounts[account])
+            .send()
+            .await
+            .expect("close account");
+    }
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_entra-sso-sync");
+
+/// Runs the CLI with the stack's moto account and no client secret in the environment.
+pub async fn cli(s: &Stack, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+    let creds = s
+        .account
+        .sdk_config
+        .credentials_provider()
+        .expect("credentials")
+        .provide_credentials()
+        .await
+        .expect("credentials");
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("ENTRA_CLIENT_SECRET")
+        .env_remove("CONFIG_URI")
+        .env("AWS_ACCESS_KEY_ID", creds.access_key_id())
+        .env("AWS_SECRET_ACCESS_KEY", creds.secret_access_key())
+        .env(
+            "AWS_SESSION_TOKEN",
+            creds.session_token().unwrap_or_default(),
+        )
+        .env("RUST_LOG", "debug");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().expect("run the CLI"))
+        .await
+        .expect("join")
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
