@@ -83,6 +83,9 @@ pub struct RunRequest {
     pub allow_deletions: Option<u32>,
     /// Which rules and accounts to reconcile.
     pub target: Target,
+    /// No change starts after this instant (a Lambda sets it short of its timeout); changes
+    /// not started are reported as deferred and the next run picks them up.
+    pub deadline: Option<Instant>,
 }
 
 /// A run that could not complete its reads; nothing was changed.
@@ -286,9 +289,11 @@ impl Engine {
             "plan computed"
         );
 
-        let mut failures = Vec::new();
+        let (mut failures, mut deferred) = (Vec::new(), 0);
         if req.mode == Mode::Apply {
-            failures = self.apply(&plan, &g.principal_names, &run_id).await;
+            (failures, deferred) = self
+                .apply(&plan, &g.principal_names, &run_id, req.deadline)
+                .await;
         }
 
         let view = |c: &Change| ChangeView::new(c, &g.permission_set_names, &g.principal_names);
@@ -296,7 +301,7 @@ impl Engine {
             .rules
             .iter()
             .any(|r| matches!(r.source, RuleSource::Held { .. }));
-        let outcome = Outcome::decide(req.mode, &plan, !failures.is_empty(), rules_held);
+        let outcome = Outcome::decide(req.mode, &plan, !failures.is_empty(), rules_held, deferred);
         let mut report = Report {
             run_id,
             trigger: req.trigger.clone(),
@@ -317,6 +322,7 @@ impl Engine {
             rules: g.views,
             guard: plan.guard.clone(),
             failures,
+            deferred,
             ledger_claimed: plan.claim.len(),
             ledger_forgotten: plan.forget.len(),
             calls: BTreeMap::from([
@@ -677,13 +683,16 @@ impl Engine {
     }
 
     /// Applies a plan: ledger housekeeping, then creations, then deletions, each request
-    /// polled until it settles. Returns the changes that failed.
+    /// polled until it settles. Returns the changes that failed, and how many were not started
+    /// because the deadline passed.
     async fn apply(
         &self,
         plan: &plan::Plan,
         names: &BTreeMap<Principal, String>,
         run_id: &str,
-    ) -> Vec<Failure> {
+        deadline: Option<Instant>,
+    ) -> (Vec<Failure>, usize) {
+        let mut deferred = 0;
         let mut failures = Vec::new();
         let fail = |c: &Assignment, op: &str, e: String| Failure {
             change: ChangeView::bare(c),
@@ -734,14 +743,18 @@ impl Engine {
                 let run_id = run_id.to_string();
                 tasks.spawn(async move {
                     let _permit = gate.acquire_owned().await;
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return (change, None);
+                    }
                     let result = engine.execute(op, &change, name, &run_id).await;
-                    (change, result)
+                    (change, Some(result))
                 });
             }
             while let Some(joined) = tasks.join_next().await {
                 match joined {
-                    Ok((_, Ok(()))) => {}
-                    Ok((change, Err(e))) => {
+                    Ok((_, None)) => deferred += 1,
+                    Ok((_, Some(Ok(())))) => {}
+                    Ok((change, Some(Err(e)))) => {
                         tracing::error!(assignment = %change.assignment, error = e, "change failed");
                         failures.push(fail(&change.assignment, op_name(op), e));
                     }
@@ -754,7 +767,10 @@ impl Engine {
             }
         }
         failures.sort_by(|a, b| (&a.change, &a.operation).cmp(&(&b.change, &b.operation)));
-        failures
+        if deferred > 0 {
+            tracing::warn!(deferred, "deadline reached: changes left for the next run");
+        }
+        (failures, deferred)
     }
 
     /// One creation or deletion, with its ledger bookkeeping around it.

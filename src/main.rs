@@ -124,6 +124,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
         trigger: "cli".into(),
         allow_deletions,
         target: Target::All,
+        deadline: None,
     };
     let report = engine.run(&config, &request).await.map_err(|e| chain(&e))?;
     match args.output {

@@ -24,13 +24,25 @@ pub enum Outcome {
     Guarded,
     /// Some rule could not be evaluated or some change failed.
     Failed,
+    /// Apply mode: the deadline stopped the run before every change started; the next run
+    /// continues.
+    Partial,
 }
 
 impl Outcome {
     /// The outcome of a run from its plan and what happened applying it.
-    pub fn decide(mode: Mode, plan: &Plan, any_failed: bool, rules_held: bool) -> Outcome {
+    pub fn decide(
+        mode: Mode,
+        plan: &Plan,
+        any_failed: bool,
+        rules_held: bool,
+        deferred: usize,
+    ) -> Outcome {
         if any_failed || rules_held {
             return Outcome::Failed;
+        }
+        if deferred > 0 {
+            return Outcome::Partial;
         }
         match mode {
             Mode::Apply if plan.guard.is_some() || !plan.held.is_empty() => Outcome::Guarded,
@@ -49,16 +61,19 @@ impl Outcome {
             Outcome::Applied => "applied",
             Outcome::Guarded => "guarded",
             Outcome::Failed => "failed",
+            Outcome::Partial => "partial",
         }
     }
 
-    /// The CLI's exit code: 0 in sync or applied, 1 error, 2 changes pending, 3 guarded.
+    /// The CLI's exit code: 0 in sync or applied, 1 error, 2 changes pending, 3 guarded,
+    /// 4 stopped at the deadline with changes left for the next run.
     pub fn exit_code(self) -> i32 {
         match self {
             Outcome::InSync | Outcome::Applied => 0,
             Outcome::Failed => 1,
             Outcome::ChangesPending => 2,
             Outcome::Guarded => 3,
+            Outcome::Partial => 4,
         }
     }
 }
@@ -237,6 +252,8 @@ pub struct Report {
     pub guard: Option<GuardTrip>,
     /// Changes that failed (apply).
     pub failures: Vec<Failure>,
+    /// Changes not started because the deadline passed (apply); the next run makes them.
+    pub deferred: usize,
     /// Pending ledger entries confirmed as owned.
     pub ledger_claimed: usize,
     /// Ledger entries dropped because their assignment no longer exists.
@@ -256,6 +273,7 @@ impl Report {
             ("unchanged".to_string(), n(self.unchanged)),
             ("unresolved".to_string(), n(self.unresolved.len())),
             ("failures".to_string(), n(self.failures.len())),
+            ("deferred".to_string(), n(self.deferred)),
         ])
     }
 
@@ -359,6 +377,13 @@ impl Report {
                         ]
                     })
                 )
+            );
+        }
+        if self.deferred > 0 {
+            let _ = writeln!(
+                out,
+                "Deferred: {} changes were not started before the deadline; the next run makes them.\n",
+                self.deferred
             );
         }
         if !self.failures.is_empty() {
@@ -467,8 +492,9 @@ mod tests {
             wanted: 2,
             by_rule: BTreeMap::new(),
         });
-        let code =
-            |mode, plan: &Plan, failed, held| Outcome::decide(mode, plan, failed, held).exit_code();
+        let code = |mode, plan: &Plan, failed, held| {
+            Outcome::decide(mode, plan, failed, held, 0).exit_code()
+        };
         assert_eq!(code(Mode::Plan, &empty, false, false), 0);
         assert_eq!(code(Mode::Plan, &pending, false, false), 2);
         assert_eq!(code(Mode::Plan, &empty, false, true), 1);
@@ -476,6 +502,8 @@ mod tests {
         assert_eq!(code(Mode::Apply, &empty, false, false), 0);
         assert_eq!(code(Mode::Apply, &guarded, false, false), 3);
         assert_eq!(code(Mode::Apply, &pending, true, false), 1);
+        let partial = Outcome::decide(Mode::Apply, &pending, false, false, 3);
+        assert_eq!(partial.exit_code(), 4);
     }
 
     #[test]

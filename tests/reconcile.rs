@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use devstack::graph::Fault;
 use devstack::moto;
-use entra_sso_sync::engine::{EngineError, Mode};
+use entra_sso_sync::engine::{EngineError, Mode, RunRequest, Target};
 use entra_sso_sync::report::Outcome;
 use std::collections::BTreeSet;
 
@@ -284,4 +284,29 @@ async fn an_assignment_deleted_by_hand_is_recreated_and_stays_owned() {
     // Still owned: removing the rule deletes it.
     let report = s.run(&s.config(DEVS_MEMBERS), Mode::Apply).await;
     assert_eq!(report.deletes.len(), 2);
+}
+
+#[tokio::test]
+async fn a_run_past_its_deadline_starts_nothing_more_and_the_next_run_continues() {
+    let s = Stack::new().await;
+    let config = s.config(DEVS_MEMBERS);
+    let request = RunRequest {
+        mode: Mode::Apply,
+        trigger: "test".into(),
+        allow_deletions: None,
+        target: Target::All,
+        deadline: Some(std::time::Instant::now()),
+    };
+    let report = s.run_request(&config, &request).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Partial);
+    assert_eq!(report.outcome.exit_code(), 4);
+    assert_eq!(report.deferred, 4);
+    assert!(s.assigned(ACCOUNT_B, &s.read_ps).await.is_empty());
+
+    let report = s.run(&config, Mode::Apply).await;
+    assert_eq!(report.outcome, Outcome::Applied);
+    assert_eq!(
+        s.assigned(ACCOUNT_B, &s.read_ps).await,
+        s.users(&[3, 4, 5, 6])
+    );
 }

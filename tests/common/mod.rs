@@ -173,14 +173,22 @@ impl Stack {
         allow_deletions: Option<u32>,
         target: Target,
     ) -> Result<Report, EngineError> {
-        let engine = self.engine(config).await;
         let request = RunRequest {
             mode,
             trigger: "test".into(),
             allow_deletions,
             target,
+            deadline: None,
         };
-        engine.run(config, &request).await
+        self.run_request(config, &request).await
+    }
+
+    pub async fn run_request(
+        &self,
+        config: &Config,
+        request: &RunRequest,
+    ) -> Result<Report, EngineError> {
+        self.engine(config).await.run(config, request).await
     }
 
     pub async fn run(&self, config: &Config, mode: Mode) -> Report {
