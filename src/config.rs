@@ -543,8 +543,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Applies the environment overrides `ENTRA_GRAPH_URL`, `ENTRA_LOGIN_URL` and `STATE_TABLE`
-    /// (used by tests and the Lambda). `lookup` reads a variable; it is a parameter so tests do
+    /// Applies the environment overrides `ENTRA_GRAPH_URL`, `ENTRA_LOGIN_URL`, `STATE_TABLE`
+    /// and `ENTRA_CLIENT_SECRET_ARN` (used by tests and the Lambda, whose template wires them). `lookup` reads a variable; it is a parameter so tests do
     /// not have to mutate the process environment.
     pub fn apply_env_overrides(
         &mut self,
@@ -575,6 +575,11 @@ impl Config {
             &mut self.entra.login_url,
         )?;
         set("STATE_TABLE", lookup("STATE_TABLE"), &mut self.state.table)?;
+        if let Some(v) = lookup("ENTRA_CLIENT_SECRET_ARN").filter(|v| !v.is_empty()) {
+            let mut arn = SecretArn(String::new());
+            set("ENTRA_CLIENT_SECRET_ARN", Some(v), &mut arn)?;
+            self.entra.client_secret_arn = Some(arn);
+        }
         Ok(())
     }
 }
@@ -788,12 +793,21 @@ assignments:
         c.apply_env_overrides(|k| match k {
             "ENTRA_GRAPH_URL" => Some("http://127.0.0.1:9/v1.0".into()),
             "STATE_TABLE" => Some("other-table".into()),
+            "ENTRA_CLIENT_SECRET_ARN" => {
+                Some("arn:aws:secretsmanager:us-east-1:111111111111:secret:other".into())
+            }
             _ => None,
         })
         .unwrap();
         assert_eq!(c.entra.graph_url.as_str(), "http://127.0.0.1:9/v1.0");
         assert_eq!(c.entra.login_url.as_str(), DEFAULT_LOGIN_URL);
         assert_eq!(c.state.table.as_str(), "other-table");
+        assert!(c
+            .entra
+            .client_secret_arn
+            .unwrap()
+            .as_str()
+            .ends_with(":secret:other"));
 
         let e = c
             .apply_env_overrides(|k| (k == "STATE_TABLE").then(|| "x".to_string()))
