@@ -805,6 +805,7 @@ assignments:
         assert!(c
             .entra
             .client_secret_arn
+            .as_ref()
             .unwrap()
             .as_str()
             .ends_with(":secret:other"));
