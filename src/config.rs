@@ -51,6 +51,9 @@ pub struct Config {
     /// Limits that stop a run before it removes too much access.
     #[serde(default)]
     pub safety: SafetyConfig,
+    /// Settings of `assign: mirror` groups.
+    #[serde(default)]
+    pub mirror: MirrorConfig,
     /// The assignment rules.
     pub assignments: Vec<Rule>,
 }
@@ -103,19 +106,113 @@ pub struct StateConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SafetyConfig {
-    /// A run that would delete more assignments than this deletes none.
+    /// A run that would delete more than this (assignments, mirror memberships and mirror
+    /// groups together) deletes none.
     #[serde(default = "default_max_deletions")]
     pub max_deletions: u32,
+    /// A run may not delete more than this share of what the tool owns; applies only when the
+    /// run would delete more than [`RATIO_FLOOR`] things, so one removal in a small deployment
+    /// is not blocked.
+    #[serde(default = "default_max_deletion_ratio")]
+    pub max_deletion_ratio: Ratio,
+    /// Accounts and principals whose assignments the tool never deletes.
+    #[serde(default)]
+    pub protected: Protected,
 }
+
+/// The ratio guard applies only to runs deleting more than this many things.
+pub const RATIO_FLOOR: usize = 5;
 
 fn default_max_deletions() -> u32 {
     20
+}
+
+fn default_max_deletion_ratio() -> Ratio {
+    Ratio(0.2)
 }
 
 impl Default for SafetyConfig {
     fn default() -> Self {
         SafetyConfig {
             max_deletions: default_max_deletions(),
+            max_deletion_ratio: default_max_deletion_ratio(),
+            protected: Protected::default(),
+        }
+    }
+}
+
+/// A share between 0 and 1.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd, Deserialize, Serialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Ratio(f64);
+
+impl Ratio {
+    /// The share.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl TryFrom<f64> for Ratio {
+    type Error = String;
+    fn try_from(v: f64) -> Result<Self, String> {
+        if (0.0..=1.0).contains(&v) {
+            Ok(Ratio(v))
+        } else {
+            Err(format!("expected a share between 0 and 1, got {v}"))
+        }
+    }
+}
+
+impl From<Ratio> for f64 {
+    fn from(r: Ratio) -> f64 {
+        r.0
+    }
+}
+
+/// `safety.protected`: what the tool never deletes.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Protected {
+    /// Accounts (by id) whose assignments are never deleted, such as the management account.
+    #[serde(default)]
+    pub accounts: Vec<AccountId>,
+    /// Identity Center group display names or user names whose assignments are never deleted,
+    /// such as break-glass groups. User names compare case-insensitively.
+    #[serde(default)]
+    pub principals: Vec<String>,
+}
+
+/// `mirror:` section.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// Prefix of the Identity Center groups the tool creates for `assign: mirror` rules.
+    #[serde(default = "default_group_prefix")]
+    pub group_prefix: String,
+    /// `plan` warns when one `members` rule would hold more assignments than this, and
+    /// suggests `mirror`.
+    #[serde(default = "default_suggest_above")]
+    pub suggest_mirror_above: usize,
+}
+
+/// Default mirror group prefix: Entra display names do not start like this in practice, and a
+/// group of that name the tool did not create is never adopted.
+pub const DEFAULT_MIRROR_PREFIX: &str = "entra-sso-sync: ";
+
+fn default_group_prefix() -> String {
+    DEFAULT_MIRROR_PREFIX.to_string()
+}
+
+fn default_suggest_above() -> usize {
+    1000
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            group_prefix: default_group_prefix(),
+            suggest_mirror_above: default_suggest_above(),
         }
     }
 }
@@ -162,6 +259,9 @@ pub enum AssignMode {
     Group,
     /// Assign every transitive (nested) user member one by one.
     Members,
+    /// Keep an Identity Center group whose members are the Entra group's transitive user
+    /// members, and assign that group.
+    Mirror,
 }
 
 /// Defines a string newtype checked by `check` on deserialisation.
@@ -513,6 +613,13 @@ impl Config {
             return Err(invalid(
                 "assignments".into(),
                 "expected at least one assignment rule, got an empty list".into(),
+            ));
+        }
+        if config.mirror.group_prefix.trim().is_empty() {
+            return Err(invalid(
+                "mirror.group_prefix".into(),
+                "expected a non-empty prefix: mirror groups must not look like provisioned ones"
+                    .into(),
             ));
         }
         let mut names = BTreeSet::new();

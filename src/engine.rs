@@ -3,17 +3,21 @@
 //! the Lambda handler both build a [`RunRequest`] and call [`Engine::run`].
 
 use crate::aws::AwsError;
-use crate::config::{AssignMode, Config, GroupRef, PermissionSetRef, Rule};
+use crate::config::{AssignMode, Config, GroupRef, PermissionSetRef, Protected, Rule};
 use crate::directory::{DirGroup, DirUser, Directory, DirectoryError};
 use crate::identity::{self, IdentityStore, Kind, Strategy, Wanted};
+use crate::mirror;
 use crate::model::{AccountId, Assignment, Guid, Principal, PrincipalType};
 use crate::organizations::OrganizationApi;
-use crate::plan::{self, Change, Limits, Owned, PlanInput, ResolvedRule, RuleSource};
+use crate::plan::{self, Change, Limits, Owned, PlanInput, Protection, ResolvedRule, RuleSource};
 use crate::report::{ChangeView, Failure, Outcome, Report, RuleView, Unresolved};
 use crate::scope::{self, Expansion, Organization, ScopeError};
 use crate::sso::{AssignmentApi, Operation, RequestStatus};
-use crate::state::{now_rfc3339, LedgerEntry, RunRecord, StateStore};
+use crate::state::{
+    epoch_seconds, now_rfc3339, Lease, LedgerEntry, RunRecord, SourceRecord, StateStore,
+};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -108,6 +112,14 @@ pub enum EngineError {
     /// A rule's scope names an account or OU that does not exist, or is ambiguous.
     #[error(transparent)]
     Scope(#[from] ScopeError),
+    /// Another apply holds the lease; this run changed nothing.
+    #[error("another apply ({holder}) is running; its lease expires in {seconds_left} s unless renewed. Nothing was changed")]
+    Busy {
+        /// The other run's id.
+        holder: String,
+        /// Seconds until its lease expires.
+        seconds_left: u64,
+    },
 }
 
 /// Tunables of the apply phase.
@@ -121,6 +133,9 @@ pub struct ApplySettings {
     pub poll_max: Duration,
     /// Give up waiting on one request after this long (it stays pending in the ledger).
     pub settle_timeout: Duration,
+    /// How long the apply lease lives unless renewed (renewed every third of it): a run that
+    /// died blocks the next one for at most this long.
+    pub lease_ttl_seconds: u64,
 }
 
 impl Default for ApplySettings {
@@ -130,6 +145,7 @@ impl Default for ApplySettings {
             poll_initial: Duration::from_millis(250),
             poll_max: Duration::from_secs(5),
             settle_timeout: Duration::from_secs(600),
+            lease_ttl_seconds: 60,
         }
     }
 }
@@ -163,12 +179,62 @@ pub struct Scopes {
 }
 
 /// Everything gathered before planning.
-struct Gathered {
-    rules: Vec<ResolvedRule>,
-    views: Vec<RuleView>,
+#[derive(Default)]
+pub(crate) struct Gathered {
+    pub(crate) rules: Vec<ResolvedRule>,
+    pub(crate) views: Vec<RuleView>,
     unresolved: Vec<Unresolved>,
-    principal_names: BTreeMap<Principal, String>,
+    pub(crate) principal_names: BTreeMap<Principal, String>,
     permission_set_names: BTreeMap<String, String>,
+    /// Each evaluated rule's group and member count, recorded after an apply.
+    sources: Vec<SourceRecord>,
+    /// Things a person should know that are not errors.
+    pub(crate) warnings: Vec<String>,
+    /// Entra groups mirrored by this run's rules, by object id.
+    pub(crate) mirror_sources: BTreeMap<String, mirror::Source>,
+    /// Display names of mirror groups created by this run.
+    pub(crate) created_mirrors: Vec<String>,
+}
+
+/// When to stop starting changes: the deadline, or the lease lost.
+struct Stop {
+    deadline: Option<Instant>,
+    lease_lost: Arc<AtomicBool>,
+}
+
+impl Stop {
+    fn new(deadline: Option<Instant>) -> Stop {
+        Stop {
+            deadline,
+            lease_lost: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn now(&self) -> bool {
+        self.lease_lost.load(Ordering::SeqCst) || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// `safety.protected` resolved to principals by the names this run knows (group display
+/// names exactly, user names case-insensitively).
+fn protection(protected: &Protected, names: &BTreeMap<Principal, String>) -> Protection {
+    let principals = names
+        .iter()
+        .filter(|(p, name)| {
+            protected
+                .principals
+                .iter()
+                .any(|want| match p.principal_type {
+                    PrincipalType::Group => want == *name,
+                    PrincipalType::User => want.eq_ignore_ascii_case(name),
+                })
+        })
+        .map(|(p, _)| p.clone())
+        .collect();
+    Protection {
+        accounts: protected.accounts.iter().cloned().collect(),
+        principals,
+    }
 }
 
 /// The instance's permission sets, both ways, when some rule names one by name.
@@ -205,9 +271,9 @@ struct Selected<'a> {
 
 impl Engine {
     /// Runs one reconcile. An `Err` means the reads did not complete and nothing changed;
-    /// per-change failures during apply are in the report instead.
+    /// per-change failures during apply are in the report instead. An apply run holds the
+    /// state table's lease for its whole life, so two applies never overlap.
     pub async fn run(&self, config: &Config, req: &RunRequest) -> Result<Report, EngineError> {
-        let started = Instant::now();
         let started_at = now_rfc3339();
         let run_id = format!(
             "{}-{:08x}",
@@ -215,8 +281,64 @@ impl Engine {
             fastrand::u32(..)
         );
         tracing::info!(run_id, trigger = req.trigger, mode = ?req.mode, target = ?req.target, "run started");
+        if req.mode == Mode::Plan {
+            let stop = Stop::new(req.deadline);
+            return self.run_inner(config, req, run_id, started_at, &stop).await;
+        }
+        let ttl = self.settings.lease_ttl_seconds;
+        match self.state.acquire_lease(&run_id, ttl).await? {
+            Lease::Acquired => {}
+            Lease::HeldBy { holder, expires_at } => {
+                return Err(EngineError::Busy {
+                    holder,
+                    seconds_left: expires_at.saturating_sub(epoch_seconds()),
+                })
+            }
+        }
+        let stop = Stop::new(req.deadline);
+        let renewer = {
+            let (state, holder, lost) =
+                (self.state.clone(), run_id.clone(), stop.lease_lost.clone());
+            tokio::spawn(async move {
+                let every = Duration::from_secs((ttl / 3).max(1));
+                loop {
+                    tokio::time::sleep(every).await;
+                    if !matches!(state.renew_lease(&holder, ttl).await, Ok(true)) {
+                        tracing::error!("lost the apply lease: no new change will start");
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            })
+        };
+        let result = self
+            .run_inner(config, req, run_id.clone(), started_at, &stop)
+            .await;
+        renewer.abort();
+        if let Err(e) = self.state.release_lease(&run_id).await {
+            tracing::warn!(error = %e, "could not release the apply lease; it expires by itself");
+        }
+        result
+    }
 
+    async fn run_inner(
+        &self,
+        config: &Config,
+        req: &RunRequest,
+        run_id: String,
+        started_at: String,
+        stop: &Stop,
+    ) -> Result<Report, EngineError> {
+        let started = Instant::now();
         let ledger = self.state.ledger().await?;
+        let sources: BTreeMap<String, SourceRecord> = self
+            .state
+            .sources()
+            .await?
+            .into_iter()
+            .map(|s| (s.rule.clone(), s))
+            .collect();
+        let mirror_records = self.state.mirrors().await?;
         let scopes = expand_scopes(self.organizations.as_ref(), config).await?;
         let groups = self.find_groups(config).await?;
         let permission_sets = self.permission_sets(config).await?;
@@ -224,8 +346,27 @@ impl Engine {
             .select(config, &req.target, &scopes, &groups, &permission_sets)
             .await?;
         let mut g = self
-            .resolve(&selected, &groups, &scopes, permission_sets)
+            .resolve(
+                &selected,
+                &groups,
+                &scopes,
+                permission_sets,
+                &sources,
+                config.mirror.suggest_mirror_above,
+            )
             .await?;
+        let mut mirror_failures = Vec::new();
+        let mirrors = mirror::prepare(
+            self.identity.as_ref(),
+            self.state.as_ref(),
+            &config.mirror,
+            &mut g,
+            &mirror_records,
+            req.mode == Mode::Apply,
+            matches!(req.target, Target::All),
+            &mut mirror_failures,
+        )
+        .await?;
 
         let mut observed: BTreeSet<(AccountId, String)> = BTreeSet::new();
         for r in &g.rules {
@@ -271,13 +412,17 @@ impl Engine {
             }
         }
 
+        let protection = protection(&config.safety.protected, &g.principal_names);
         let plan = plan::plan(PlanInput {
             rules: &g.rules,
             actual: &actual,
             observed: &observed,
             owned: &owned,
+            mirrors: &mirrors,
+            protection: &protection,
             limits: Limits {
                 max_deletions: config.safety.max_deletions,
+                max_deletion_ratio: config.safety.max_deletion_ratio.get(),
                 allow_deletions: req.allow_deletions,
             },
         });
@@ -285,15 +430,25 @@ impl Engine {
             creates = plan.creates.len(),
             deletes = plan.deletes.len(),
             held = plan.held.len(),
+            mirrors = plan.mirrors.len(),
             unchanged = plan.unchanged,
             "plan computed"
         );
 
-        let (mut failures, mut deferred) = (Vec::new(), 0);
+        let (mut failures, mut deferred) = (mirror_failures, 0);
         if req.mode == Mode::Apply {
-            (failures, deferred) = self
-                .apply(&plan, &g.principal_names, &run_id, req.deadline)
-                .await;
+            let (f, d, w) = self.apply(&plan, &g, &run_id, stop).await;
+            failures.extend(f);
+            deferred = d;
+            g.warnings.extend(w);
+            if deferred == 0 && stop.lease_lost.load(Ordering::SeqCst) {
+                failures.push(Failure {
+                    change: ChangeView::default(),
+                    operation: "lease".into(),
+                    error: "the apply lease was lost during the run".into(),
+                });
+            }
+            self.record_sources(&g, req.allow_deletions.is_some()).await;
         }
 
         let view = |c: &Change| ChangeView::new(c, &g.permission_set_names, &g.principal_names);
@@ -317,8 +472,11 @@ impl Engine {
                 .iter()
                 .map(|h| (view(&h.change), h.reason.clone()).into())
                 .collect(),
+            memberships: mirror::views(&plan, &g.principal_names, &g.created_mirrors),
+            held_memberships: plan.held_mirrors.clone(),
             unchanged: plan.unchanged,
             unresolved: g.unresolved,
+            warnings: g.warnings,
             rules: g.views,
             guard: plan.guard.clone(),
             failures,
@@ -336,6 +494,21 @@ impl Engine {
         self.record(&report).await;
         tracing::info!(run_id = report.run_id, outcome = ?report.outcome, duration_ms = report.duration_ms, "run finished");
         Ok(report)
+    }
+
+    /// After an apply: pins each evaluated rule to the object id its group name resolved to,
+    /// and remembers how many members it had. A rule whose deletions were held keeps its old
+    /// count, so it stays held until the operator confirms.
+    async fn record_sources(&self, g: &Gathered, confirmed: bool) {
+        for source in &g.sources {
+            let rule = g.rules.iter().find(|r| r.name == source.rule);
+            if rule.is_some_and(|r| r.hold_deletions.is_some()) && !confirmed {
+                continue;
+            }
+            if let Err(e) = self.state.put_source(source).await {
+                tracing::warn!(rule = source.rule, error = %e, "could not record the rule's source");
+            }
+        }
     }
 
     /// Records the run; a failure to record is logged, not fatal: the changes were made.
@@ -501,18 +674,20 @@ impl Engine {
     }
 
     /// Reads members and finds the identity-store principals and permission sets of the
-    /// selected rules.
+    /// selected rules; checks name pins and sudden loss of members against the last apply.
     async fn resolve(
         &self,
         selected: &[Selected<'_>],
         groups: &BTreeMap<GroupRef, Result<DirGroup, String>>,
         scopes: &Scopes,
         permission_sets: PermissionSets,
+        sources: &BTreeMap<String, SourceRecord>,
+        suggest_mirror_above: usize,
     ) -> Result<Gathered, EngineError> {
-        // Transitive members of each members-mode group, read in full or not at all.
+        // Transitive members of each members/mirror group, read in full or not at all.
         let mut members: BTreeMap<String, Vec<DirUser>> = BTreeMap::new();
         for s in selected {
-            if let (AssignMode::Members, Some(Ok(g))) =
+            if let (AssignMode::Members | AssignMode::Mirror, Some(Ok(g))) =
                 (s.rule.assign, groups.get(&s.rule.entra_group))
             {
                 if !members.contains_key(&g.id) {
@@ -548,42 +723,41 @@ impl Engine {
             .collect();
         let store_users = self.find_principals(Kind::User, wanted_users).await?;
 
-        let mut principal_names = BTreeMap::new();
-        let mut rules = Vec::new();
-        let mut views = Vec::new();
+        let mut g_out = Gathered::default();
         let mut unresolved: BTreeMap<String, Unresolved> = BTreeMap::new();
         for s in selected {
             let rule = s.rule;
             let permission_set_arn = permission_sets.arn_of(rule)?;
-            let source = match groups.get(&rule.entra_group) {
-                Some(Ok(g)) => match rule.assign {
-                    AssignMode::Group => match store_groups.get(&g.id) {
-                        Some(id) => {
-                            let p = Principal {
-                                principal_type: PrincipalType::Group,
-                                principal_id: id.clone(),
-                            };
-                            principal_names.insert(p.clone(), g.display_name.clone());
-                            RuleSource::Resolved(BTreeSet::from([p]))
-                        }
-                        None => RuleSource::Held {
-                            reason: format!(
-                                "Entra group {:?} has no Identity Center group (not provisioned by SCIM yet?)",
-                                g.display_name
-                            ),
-                        },
-                    },
-                    AssignMode::Members => {
-                        let mut principals = BTreeSet::new();
-                        for u in members.get(&g.id).into_iter().flatten() {
+            let last = sources.get(rule.name.as_str());
+            let mut hold_deletions = s
+                .expansion
+                .accounts
+                .is_empty()
+                .then(|| "its scope expands to zero accounts".to_string());
+            let found = match groups.get(&rule.entra_group) {
+                Some(Ok(g)) => match (&rule.entra_group, last) {
+                    // Name pinning: a name that now means another object is not trusted.
+                    (GroupRef::Name(name), Some(pin)) if !pin.entra_group_id.eq_ignore_ascii_case(&g.id) => Err(format!(
+                        "the name {name:?} now resolves to Entra group {} but resolved to {} before (deleted and recreated, or renamed?); name the group by object id to confirm",
+                        g.id, pin.entra_group_id
+                    )),
+                    _ => Ok(g),
+                },
+                Some(Err(reason)) => Err(reason.clone()),
+                None => Err("Entra group was not looked up".into()),
+            };
+            let source = match found {
+                Err(reason) => RuleSource::Held { reason },
+                Ok(g) => {
+                    // Resolve the members once for the members and mirror modes.
+                    let mut users = BTreeMap::new();
+                    if rule.assign != AssignMode::Group {
+                        let entra_members =
+                            members.get(&g.id).map(Vec::as_slice).unwrap_or_default();
+                        for u in entra_members {
                             match store_users.get(&u.id).filter(|_| u.account_enabled) {
                                 Some(id) => {
-                                    let p = Principal {
-                                        principal_type: PrincipalType::User,
-                                        principal_id: id.clone(),
-                                    };
-                                    principal_names.insert(p.clone(), u.user_principal_name.clone());
-                                    principals.insert(p);
+                                    users.insert(id.clone(), u.user_principal_name.clone());
                                 }
                                 None => {
                                     let reason = if u.account_enabled {
@@ -604,21 +778,83 @@ impl Engine {
                                 }
                             }
                         }
-                        RuleSource::Resolved(principals)
+                        if let Some(last) =
+                            last.filter(|l| l.members > 0 && entra_members.is_empty())
+                        {
+                            hold_deletions = Some(format!(
+                                "Entra group {:?} has no members now but had {} at the last apply",
+                                g.display_name, last.members
+                            ));
+                        }
+                        g_out.sources.push(SourceRecord {
+                            rule: rule.name.to_string(),
+                            entra_group_id: g.id.clone(),
+                            members: entra_members.len() as u64,
+                        });
+                    } else {
+                        g_out.sources.push(SourceRecord {
+                            rule: rule.name.to_string(),
+                            entra_group_id: g.id.clone(),
+                            members: 0,
+                        });
                     }
-                },
-                Some(Err(reason)) => RuleSource::Held {
-                    reason: reason.clone(),
-                },
-                None => RuleSource::Held {
-                    reason: "Entra group was not looked up".into(),
-                },
+                    match rule.assign {
+                        AssignMode::Group => match store_groups.get(&g.id) {
+                            Some(id) => {
+                                let p = Principal {
+                                    principal_type: PrincipalType::Group,
+                                    principal_id: id.clone(),
+                                };
+                                g_out.principal_names.insert(p.clone(), g.display_name.clone());
+                                RuleSource::Resolved(BTreeSet::from([p]))
+                            }
+                            None => RuleSource::Held {
+                                reason: format!(
+                                    "Entra group {:?} has no Identity Center group (not provisioned by SCIM yet?)",
+                                    g.display_name
+                                ),
+                            },
+                        },
+                        AssignMode::Members => {
+                            let total = users.len() * s.accounts.len();
+                            if total > suggest_mirror_above {
+                                g_out.warnings.push(format!(
+                                    "rule {} assigns {} users one by one in {} accounts ({total} assignments); assign: mirror would need {} (one group per account)",
+                                    rule.name,
+                                    users.len(),
+                                    s.accounts.len(),
+                                    s.accounts.len()
+                                ));
+                            }
+                            let mut principals = BTreeSet::new();
+                            for (id, upn) in users {
+                                let p = Principal {
+                                    principal_type: PrincipalType::User,
+                                    principal_id: id,
+                                };
+                                g_out.principal_names.insert(p.clone(), upn);
+                                principals.insert(p);
+                            }
+                            RuleSource::Resolved(principals)
+                        }
+                        AssignMode::Mirror => {
+                            // The mirror's group id is filled in by mirror::prepare.
+                            let m = g_out.mirror_sources.entry(g.id.clone()).or_insert_with(|| mirror::Source {
+                                entra_display_name: g.display_name.clone(),
+                                members: Some(BTreeMap::new()),
+                                hold_removals: None,
+                                rules: Vec::new(),
+                            });
+                            m.members.get_or_insert_with(BTreeMap::new).extend(users);
+                            m.rules.push(rule.name.to_string());
+                            if m.hold_removals.is_none() {
+                                m.hold_removals.clone_from(&hold_deletions);
+                            }
+                            RuleSource::Resolved(BTreeSet::from([mirror::placeholder(&g.id)]))
+                        }
+                    }
+                }
             };
-            let hold_deletions = s
-                .expansion
-                .accounts
-                .is_empty()
-                .then(|| "its scope expands to zero accounts".to_string());
             let skipped: Vec<String> = s
                 .expansion
                 .accounts
@@ -631,14 +867,14 @@ impl Engine {
                         .map(|a| format!("{a}: not ACTIVE")),
                 )
                 .collect();
-            views.push(RuleView::new(
+            g_out.views.push(RuleView::new(
                 rule,
                 &permission_set_arn,
                 &source,
                 s.expansion,
                 skipped,
             ));
-            rules.push(ResolvedRule {
+            g_out.rules.push(ResolvedRule {
                 name: rule.name.to_string(),
                 permission_set_arn,
                 accounts: s.accounts.clone(),
@@ -646,13 +882,9 @@ impl Engine {
                 hold_deletions,
             });
         }
-        Ok(Gathered {
-            rules,
-            views,
-            unresolved: unresolved.into_values().collect(),
-            principal_names,
-            permission_set_names: permission_sets.names,
-        })
+        g_out.unresolved = unresolved.into_values().collect();
+        g_out.permission_set_names = permission_sets.names;
+        Ok(g_out)
     }
 
     /// Lists the instance's permission sets when some rule names one by name.
@@ -688,11 +920,13 @@ impl Engine {
     async fn apply(
         &self,
         plan: &plan::Plan,
-        names: &BTreeMap<Principal, String>,
+        g: &Gathered,
         run_id: &str,
-        deadline: Option<Instant>,
-    ) -> (Vec<Failure>, usize) {
+        stop: &Stop,
+    ) -> (Vec<Failure>, usize, Vec<String>) {
+        let names = &g.principal_names;
         let mut deferred = 0;
+        let mut warnings = Vec::new();
         let mut failures = Vec::new();
         let fail = |c: &Assignment, op: &str, e: String| Failure {
             change: ChangeView::bare(c),
@@ -730,6 +964,21 @@ impl Engine {
             }
         }
 
+        // Mirror members first, so a mirror group holds its users before it is assigned.
+        for m in &plan.mirrors {
+            if !stop.now() {
+                failures.extend(
+                    mirror::grow(
+                        self.identity.as_ref(),
+                        self.state.as_ref(),
+                        m,
+                        &mut warnings,
+                    )
+                    .await,
+                );
+            }
+        }
+        let mut deletes_left: BTreeSet<String> = BTreeSet::new();
         for (op, changes) in [
             (Operation::Create, &plan.creates),
             (Operation::Delete, &plan.deletes),
@@ -741,9 +990,11 @@ impl Engine {
                 let gate = gate.clone();
                 let name = names.get(&change.assignment.principal()).cloned();
                 let run_id = run_id.to_string();
+                let stop = (stop.deadline, stop.lease_lost.clone());
                 tasks.spawn(async move {
                     let _permit = gate.acquire_owned().await;
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if stop.1.load(Ordering::SeqCst) || stop.0.is_some_and(|d| Instant::now() >= d)
+                    {
                         return (change, None);
                     }
                     let result = engine.execute(op, &change, name, &run_id).await;
@@ -751,6 +1002,11 @@ impl Engine {
                 });
             }
             while let Some(joined) = tasks.join_next().await {
+                if let Ok((change, result)) = &joined {
+                    if op == Operation::Delete && !matches!(result, Some(Ok(()))) {
+                        deletes_left.insert(change.assignment.principal_id.clone());
+                    }
+                }
                 match joined {
                     Ok((_, None)) => deferred += 1,
                     Ok((_, Some(Ok(())))) => {}
@@ -766,11 +1022,22 @@ impl Engine {
                 }
             }
         }
+        for m in &plan.mirrors {
+            if stop.now() {
+                continue;
+            }
+            let left = m
+                .group_id
+                .as_ref()
+                .is_some_and(|id| deletes_left.contains(id));
+            failures
+                .extend(mirror::shrink(self.identity.as_ref(), self.state.as_ref(), m, left).await);
+        }
         failures.sort_by(|a, b| (&a.change, &a.operation).cmp(&(&b.change, &b.operation)));
         if deferred > 0 {
             tracing::warn!(deferred, "deadline reached: changes left for the next run");
         }
-        (failures, deferred)
+        (failures, deferred, warnings)
     }
 
     /// One creation or deletion, with its ledger bookkeeping around it.

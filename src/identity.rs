@@ -38,6 +38,23 @@ pub trait IdentityStore: Send + Sync {
     async fn find(&self, kind: Kind, name: &str) -> Result<Option<String>, AwsError>;
     /// Every user or group of the store (paged to the end).
     async fn list(&self, kind: Kind) -> Result<Vec<StoreEntry>, AwsError>;
+    /// Creates a group; returns its id.
+    async fn create_group(&self, display_name: &str, description: &str)
+        -> Result<String, AwsError>;
+    /// Renames a group.
+    async fn rename_group(&self, group_id: &str, display_name: &str) -> Result<(), AwsError>;
+    /// Deletes a group.
+    async fn delete_group(&self, group_id: &str) -> Result<(), AwsError>;
+    /// The group's display name, or `None` when it does not exist.
+    async fn group_name(&self, group_id: &str) -> Result<Option<String>, AwsError>;
+    /// A user's `userName`, or `None` when the user does not exist.
+    async fn user_name(&self, user_id: &str) -> Result<Option<String>, AwsError>;
+    /// The group's memberships: membership id → user id (paged to the end).
+    async fn memberships(&self, group_id: &str) -> Result<BTreeMap<String, String>, AwsError>;
+    /// Adds a user to a group; returns the membership id.
+    async fn add_membership(&self, group_id: &str, user_id: &str) -> Result<String, AwsError>;
+    /// Removes a membership.
+    async fn remove_membership(&self, membership_id: &str) -> Result<(), AwsError>;
     /// Requests sent so far.
     fn calls(&self) -> u64;
 }
@@ -174,6 +191,152 @@ impl IdentityStore for SdkIdentityStore {
         }
     }
 
+    async fn create_group(
+        &self,
+        display_name: &str,
+        description: &str,
+    ) -> Result<String, AwsError> {
+        self.count();
+        let out = self
+            .client
+            .create_group()
+            .identity_store_id(&self.store_id)
+            .display_name(display_name)
+            .description(description)
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "CreateGroup", e))?;
+        Ok(out.group_id)
+    }
+
+    async fn rename_group(&self, group_id: &str, display_name: &str) -> Result<(), AwsError> {
+        self.count();
+        let op = |e: aws_smithy_types::error::operation::BuildError| {
+            AwsError::malformed(SERVICE, "UpdateGroup", e.to_string())
+        };
+        let update = aws_sdk_identitystore::types::AttributeOperation::builder()
+            .attribute_path("displayName")
+            .attribute_value(Document::String(display_name.to_string()))
+            .build()
+            .map_err(op)?;
+        self.client
+            .update_group()
+            .identity_store_id(&self.store_id)
+            .group_id(group_id)
+            .operations(update)
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "UpdateGroup", e))?;
+        Ok(())
+    }
+
+    async fn delete_group(&self, group_id: &str) -> Result<(), AwsError> {
+        self.count();
+        match self
+            .client
+            .delete_group()
+            .identity_store_id(&self.store_id)
+            .group_id(group_id)
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "DeleteGroup", e))
+        {
+            Err(e) if !is_not_found(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    async fn group_name(&self, group_id: &str) -> Result<Option<String>, AwsError> {
+        self.count();
+        match self
+            .client
+            .describe_group()
+            .identity_store_id(&self.store_id)
+            .group_id(group_id)
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "DescribeGroup", e))
+        {
+            Ok(g) => Ok(Some(g.display_name.unwrap_or_default())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn user_name(&self, user_id: &str) -> Result<Option<String>, AwsError> {
+        self.count();
+        match self
+            .client
+            .describe_user()
+            .identity_store_id(&self.store_id)
+            .user_id(user_id)
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "DescribeUser", e))
+        {
+            Ok(u) => Ok(Some(u.user_name.unwrap_or_default())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn memberships(&self, group_id: &str) -> Result<BTreeMap<String, String>, AwsError> {
+        let mut out = BTreeMap::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.count();
+            let page = self
+                .client
+                .list_group_memberships()
+                .identity_store_id(&self.store_id)
+                .group_id(group_id)
+                .max_results(100)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| AwsError::sdk(SERVICE, "ListGroupMemberships", e))?;
+            for m in page.group_memberships {
+                let user = match m.member_id {
+                    Some(aws_sdk_identitystore::types::MemberId::UserId(u)) => u,
+                    _ => continue,
+                };
+                out.insert(m.membership_id, user);
+            }
+            match page.next_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    async fn add_membership(&self, group_id: &str, user_id: &str) -> Result<String, AwsError> {
+        self.count();
+        let out = self
+            .client
+            .create_group_membership()
+            .identity_store_id(&self.store_id)
+            .group_id(group_id)
+            .member_id(aws_sdk_identitystore::types::MemberId::UserId(
+                user_id.to_string(),
+            ))
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "CreateGroupMembership", e))?;
+        Ok(out.membership_id)
+    }
+
+    async fn remove_membership(&self, membership_id: &str) -> Result<(), AwsError> {
+        self.count();
+        self.client
+            .delete_group_membership()
+            .identity_store_id(&self.store_id)
+            .membership_id(membership_id)
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "DeleteGroupMembership", e))?;
+        Ok(())
+    }
+
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
@@ -288,6 +451,30 @@ mod tests {
         async fn list(&self, _kind: Kind) -> Result<Vec<StoreEntry>, AwsError> {
             self.calls.lock().unwrap().push("list");
             Ok(self.users.clone())
+        }
+        async fn create_group(&self, _: &str, _: &str) -> Result<String, AwsError> {
+            unimplemented!("not used by resolution")
+        }
+        async fn rename_group(&self, _: &str, _: &str) -> Result<(), AwsError> {
+            unimplemented!("not used by resolution")
+        }
+        async fn delete_group(&self, _: &str) -> Result<(), AwsError> {
+            unimplemented!("not used by resolution")
+        }
+        async fn group_name(&self, _: &str) -> Result<Option<String>, AwsError> {
+            unimplemented!("not used by resolution")
+        }
+        async fn memberships(&self, _: &str) -> Result<BTreeMap<String, String>, AwsError> {
+            unimplemented!("not used by resolution")
+        }
+        async fn user_name(&self, _: &str) -> Result<Option<String>, AwsError> {
+            unimplemented!("not used by resolution")
+        }
+        async fn add_membership(&self, _: &str, _: &str) -> Result<String, AwsError> {
+            unimplemented!("not used by resolution")
+        }
+        async fn remove_membership(&self, _: &str) -> Result<(), AwsError> {
+            unimplemented!("not used by resolution")
         }
         fn calls(&self) -> u64 {
             self.calls.lock().unwrap().len() as u64

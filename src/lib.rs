@@ -11,6 +11,7 @@ pub mod config;
 pub mod directory;
 pub mod engine;
 pub mod identity;
+pub mod mirror;
 pub mod model;
 pub mod organizations;
 pub mod plan;

@@ -3,7 +3,8 @@
 //! was gathered and resolved beforehand. Safety rules are filters applied to the full diff
 //! afterwards, so the diff stays simple and each filter is visible on its own.
 
-use crate::model::{AccountId, Assignment, Principal};
+use crate::config::RATIO_FLOOR;
+use crate::model::{AccountId, Assignment, Principal, PrincipalType};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -49,13 +50,94 @@ pub struct Owned {
 }
 
 /// Operator limits on deletions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
     /// `safety.max_deletions`.
     pub max_deletions: u32,
+    /// `safety.max_deletion_ratio`: the share of what the tool owns one run may delete, when it
+    /// deletes more than [`crate::config::RATIO_FLOOR`] things.
+    pub max_deletion_ratio: f64,
     /// A one-off operator override (`apply --allow-deletions N`): up to N deletions pass the
     /// caps, and held rules' deletions are released.
     pub allow_deletions: Option<u32>,
+}
+
+/// What the tool never deletes (`safety.protected`, resolved to ids).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Protection {
+    /// Accounts whose assignments are never deleted.
+    pub accounts: BTreeSet<AccountId>,
+    /// Principals whose assignments are never deleted.
+    pub principals: BTreeSet<Principal>,
+}
+
+/// A mirror group (`assign: mirror`) as the run found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorState {
+    /// The Entra group it mirrors.
+    pub entra_group_id: String,
+    /// The display name it should have.
+    pub display_name: String,
+    /// The identity-store group, when it exists.
+    pub group_id: Option<String>,
+    /// Its current display name, when it exists.
+    pub current_name: Option<String>,
+    /// The users it should hold (id → user name); `None` when the source is unknown this run,
+    /// so its membership is left as it is.
+    pub desired: Option<BTreeMap<String, String>>,
+    /// Its memberships: membership id → user id.
+    pub actual: BTreeMap<String, String>,
+    /// Whether some rule of this run uses it.
+    pub in_use: bool,
+    /// Set when its source looks suspicious: membership removals are held.
+    pub hold_removals: Option<String>,
+}
+
+/// What to do to one mirror group.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MirrorChange {
+    /// The Entra group it mirrors.
+    pub entra_group_id: String,
+    /// Its display name.
+    pub display_name: String,
+    /// The identity-store group id, when it exists.
+    pub group_id: Option<String>,
+    /// Create the group.
+    pub create: bool,
+    /// Rename it to `display_name`.
+    pub rename: bool,
+    /// Users to add: user id → user name.
+    pub add: BTreeMap<String, String>,
+    /// Memberships to remove: membership id → user id.
+    pub remove: BTreeMap<String, String>,
+    /// Delete the group (no rule uses it and none of its assignments remain).
+    pub delete_group: bool,
+}
+
+impl MirrorChange {
+    /// True when nothing changes.
+    pub fn is_empty(&self) -> bool {
+        !self.create
+            && !self.rename
+            && self.add.is_empty()
+            && self.remove.is_empty()
+            && !self.delete_group
+    }
+}
+
+/// A mirror membership removal or group deletion that safety rules held back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HeldMirror {
+    /// The Entra group.
+    pub entra_group_id: String,
+    /// The mirror's display name.
+    pub display_name: String,
+    /// User ids whose removal was held.
+    pub removals: Vec<String>,
+    /// Whether the group's deletion was held.
+    pub delete_group: bool,
+    /// Why.
+    pub reason: String,
 }
 
 /// Everything the plan is computed from.
@@ -70,6 +152,10 @@ pub struct PlanInput<'a> {
     pub observed: &'a BTreeSet<(AccountId, String)>,
     /// The ownership ledger.
     pub owned: &'a BTreeMap<Assignment, Owned>,
+    /// Mirror groups in play.
+    pub mirrors: &'a [MirrorState],
+    /// What is never deleted.
+    pub protection: &'a Protection,
     /// Deletion limits.
     pub limits: Limits,
 }
@@ -124,6 +210,10 @@ pub struct Plan {
     pub retag: Vec<Change>,
     /// Desired assignments that already exist.
     pub unchanged: usize,
+    /// Mirror group changes (only groups with something to do).
+    pub mirrors: Vec<MirrorChange>,
+    /// Mirror removals and deletions held back.
+    pub held_mirrors: Vec<HeldMirror>,
     /// The deletion cap that tripped, if any.
     pub guard: Option<GuardTrip>,
 }
@@ -131,7 +221,12 @@ pub struct Plan {
 impl Plan {
     /// True when nothing in Identity Center would change.
     pub fn is_in_sync(&self) -> bool {
-        self.creates.is_empty() && self.deletes.is_empty()
+        self.creates.is_empty() && self.deletes.is_empty() && self.mirrors.is_empty()
+    }
+
+    /// True when safety rules held anything back.
+    pub fn any_held(&self) -> bool {
+        !self.held.is_empty() || !self.held_mirrors.is_empty()
     }
 }
 
@@ -202,13 +297,59 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
         }
     }
 
-    apply_safety(&mut plan, candidates, input.rules, input.limits);
+    let mut mirrors: Vec<MirrorChange> = input.mirrors.iter().map(mirror_change).collect();
+    apply_safety(&mut plan, candidates, &mut mirrors, &input);
+    plan.mirrors = mirrors.into_iter().filter(|m| !m.is_empty()).collect();
     plan
 }
 
-/// The safety filters, in order: deletions owned by held rules are held; then the deletion cap.
-fn apply_safety(plan: &mut Plan, candidates: Vec<Change>, rules: &[ResolvedRule], limits: Limits) {
-    let held_rules: BTreeMap<&str, &str> = rules
+/// The raw change of one mirror: create or rename it, and bring its members to the desired set.
+fn mirror_change(m: &MirrorState) -> MirrorChange {
+    let mut change = MirrorChange {
+        entra_group_id: m.entra_group_id.clone(),
+        display_name: m.display_name.clone(),
+        group_id: m.group_id.clone(),
+        ..MirrorChange::default()
+    };
+    if !m.in_use {
+        // Deleted after its assignments, if none remain (decided with the deletions).
+        return change;
+    }
+    change.create = m.group_id.is_none();
+    change.rename =
+        m.group_id.is_some() && m.current_name.as_deref() != Some(m.display_name.as_str());
+    if let Some(desired) = &m.desired {
+        let present: BTreeSet<&String> = m.actual.values().collect();
+        change.add = desired
+            .iter()
+            .filter(|(user, _)| !present.contains(user))
+            .map(|(u, n)| (u.clone(), n.clone()))
+            .collect();
+        // Each unwanted membership goes, duplicates included (moto and retries can leave two).
+        let mut kept = BTreeSet::new();
+        change.remove = m
+            .actual
+            .iter()
+            .filter(|(_, user)| !desired.contains_key(*user) || !kept.insert(*user))
+            .map(|(id, u)| (id.clone(), u.clone()))
+            .collect();
+    }
+    change
+}
+
+/// The safety filters, in order: protected accounts and principals are never deleted;
+/// deletions owned by held or suspicious rules, and removals from suspicious mirrors, are held;
+/// unused mirror groups are deleted once none of their assignments remain; then the deletion
+/// caps (count and ratio) hold every deletion of the run if it would delete too much.
+fn apply_safety(
+    plan: &mut Plan,
+    candidates: Vec<Change>,
+    mirrors: &mut [MirrorChange],
+    input: &PlanInput<'_>,
+) {
+    let limits = input.limits;
+    let held_rules: BTreeMap<&str, &str> = input
+        .rules
         .iter()
         .filter_map(|r| match (&r.source, &r.hold_deletions) {
             (RuleSource::Held { reason }, _) | (_, Some(reason)) => {
@@ -221,6 +362,16 @@ fn apply_safety(plan: &mut Plan, candidates: Vec<Change>, rules: &[ResolvedRule]
 
     let mut deletes = Vec::new();
     for change in candidates {
+        let a = &change.assignment;
+        if input.protection.accounts.contains(&a.account_id)
+            || input.protection.principals.contains(&a.principal())
+        {
+            plan.held.push(Held {
+                reason: "protected by safety.protected".into(),
+                change,
+            });
+            continue;
+        }
         let holding = change
             .rules
             .iter()
@@ -234,35 +385,88 @@ fn apply_safety(plan: &mut Plan, candidates: Vec<Change>, rules: &[ResolvedRule]
         }
     }
 
-    let limit = limits.allow_deletions.unwrap_or(limits.max_deletions);
-    if deletes.len() > limit as usize {
-        let mut by_rule = BTreeMap::new();
-        for change in &deletes {
-            for rule in &change.rules {
-                *by_rule.entry(rule.clone()).or_insert(0) += 1;
+    for (m, state) in mirrors.iter_mut().zip(input.mirrors) {
+        if let (Some(why), false) = (&state.hold_removals, m.remove.is_empty() || overridden) {
+            plan.held_mirrors.push(HeldMirror {
+                entra_group_id: m.entra_group_id.clone(),
+                display_name: m.display_name.clone(),
+                removals: std::mem::take(&mut m.remove).into_values().collect(),
+                delete_group: false,
+                reason: why.clone(),
+            });
+        }
+        if !state.in_use {
+            if let Some(group) = &state.group_id {
+                let deleting: BTreeSet<&Assignment> =
+                    deletes.iter().map(|c| &c.assignment).collect();
+                let remaining = input.owned.keys().any(|a| {
+                    a.principal_type == PrincipalType::Group
+                        && &a.principal_id == group
+                        && !deleting.contains(a)
+                });
+                m.delete_group = !remaining;
             }
         }
-        let guard = if overridden {
-            "allow_deletions"
-        } else {
-            "max_deletions"
-        };
-        plan.guard = Some(GuardTrip {
-            guard,
-            limit,
-            wanted: deletes.len(),
-            by_rule,
-        });
-        let reason = format!(
-            "{guard} is {limit} and this run would delete {}",
-            deletes.len()
-        );
-        plan.held.extend(deletes.into_iter().map(|change| Held {
-            change,
-            reason: reason.clone(),
-        }));
-    } else {
+    }
+
+    let mirror_deletions: usize = mirrors
+        .iter()
+        .map(|m| m.remove.len() + usize::from(m.delete_group))
+        .sum();
+    let total = deletes.len() + mirror_deletions;
+    let owned_total =
+        input.owned.len() + input.mirrors.iter().map(|m| m.actual.len()).sum::<usize>();
+    let ratio_cap = (limits.max_deletion_ratio * owned_total as f64).floor() as usize;
+    let trip = match limits.allow_deletions {
+        Some(allowed) => {
+            (total > allowed as usize).then_some(("allow_deletions", allowed as usize))
+        }
+        None if total > limits.max_deletions as usize => {
+            Some(("max_deletions", limits.max_deletions as usize))
+        }
+        None if total > RATIO_FLOOR && total > ratio_cap => Some(("max_deletion_ratio", ratio_cap)),
+        None => None,
+    };
+    let Some((guard, limit)) = trip else {
         plan.deletes = deletes;
+        return;
+    };
+    let mut by_rule = BTreeMap::new();
+    for change in &deletes {
+        for rule in &change.rules {
+            *by_rule.entry(rule.clone()).or_insert(0) += 1;
+        }
+    }
+    for m in mirrors
+        .iter()
+        .filter(|m| !m.remove.is_empty() || m.delete_group)
+    {
+        *by_rule
+            .entry(format!("mirror {}", m.display_name))
+            .or_insert(0) += m.remove.len() + usize::from(m.delete_group);
+    }
+    let reason = format!("{guard} allows {limit} and this run would delete {total}");
+    plan.guard = Some(GuardTrip {
+        guard,
+        limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        wanted: total,
+        by_rule,
+    });
+    plan.held.extend(deletes.into_iter().map(|change| Held {
+        change,
+        reason: reason.clone(),
+    }));
+    for m in mirrors
+        .iter_mut()
+        .filter(|m| !m.remove.is_empty() || m.delete_group)
+    {
+        plan.held_mirrors.push(HeldMirror {
+            entra_group_id: m.entra_group_id.clone(),
+            display_name: m.display_name.clone(),
+            removals: std::mem::take(&mut m.remove).into_values().collect(),
+            delete_group: std::mem::take(&mut m.delete_group),
+            reason: reason.clone(),
+        });
     }
 }
 
@@ -320,6 +524,7 @@ mod tests {
 
     const LIMITS: Limits = Limits {
         max_deletions: 20,
+        max_deletion_ratio: 1.0,
         allow_deletions: None,
     };
 
@@ -334,6 +539,8 @@ mod tests {
             actual,
             observed: &observed(&[1, 2, 3, 4]),
             owned,
+            mirrors: &[],
+            protection: &Protection::default(),
             limits,
         })
     }
@@ -450,7 +657,7 @@ mod tests {
             .collect();
         let limits = Limits {
             max_deletions: 2,
-            allow_deletions: None,
+            ..LIMITS
         };
         let p = run(&rules, &actual, &owned, limits);
         assert!(p.deletes.is_empty());
@@ -543,7 +750,7 @@ mod tests {
     proptest! {
         #[test]
         fn never_deletes_what_it_does_not_own_and_converges((rules, actual, owned) in arb_world()) {
-            let limits = Limits { max_deletions: 1000, allow_deletions: None };
+            let limits = Limits { max_deletions: 1000, max_deletion_ratio: 1.0, allow_deletions: None };
             let p = run(&rules, &actual, &owned, limits);
             let want = desired(&rules);
             for d in &p.deletes {

@@ -4,7 +4,7 @@
 use crate::config::{AssignMode, Rule};
 use crate::engine::{Mode, Target};
 use crate::model::{Assignment, Principal};
-use crate::plan::{Change, GuardTrip, Plan, RuleSource};
+use crate::plan::{Change, GuardTrip, HeldMirror, Plan, RuleSource};
 use crate::scope::Expansion;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -45,10 +45,10 @@ impl Outcome {
             return Outcome::Partial;
         }
         match mode {
-            Mode::Apply if plan.guard.is_some() || !plan.held.is_empty() => Outcome::Guarded,
+            Mode::Apply if plan.guard.is_some() || plan.any_held() => Outcome::Guarded,
             Mode::Apply if plan.is_in_sync() => Outcome::InSync,
             Mode::Apply => Outcome::Applied,
-            Mode::Plan if plan.is_in_sync() && plan.held.is_empty() => Outcome::InSync,
+            Mode::Plan if plan.is_in_sync() && !plan.any_held() => Outcome::InSync,
             Mode::Plan => Outcome::ChangesPending,
         }
     }
@@ -142,6 +142,27 @@ impl From<(ChangeView, String)> for HeldView {
     fn from((change, reason): (ChangeView, String)) -> Self {
         HeldView { change, reason }
     }
+}
+
+/// A mirror group's changes, by user name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MembershipView {
+    /// The mirror group's display name.
+    pub mirror: String,
+    /// The Entra group it mirrors.
+    pub entra_group_id: String,
+    /// Its identity-store id, once it exists.
+    pub group_id: Option<String>,
+    /// Created by this run (apply) or to be created (plan).
+    pub created: bool,
+    /// Renamed after its Entra group.
+    pub renamed: bool,
+    /// Deleted: no rule uses it and its assignments are gone.
+    pub deleted: bool,
+    /// Users added.
+    pub added: Vec<String>,
+    /// Users removed.
+    pub removed: Vec<String>,
 }
 
 /// An Entra member who could not be given access.
@@ -242,10 +263,16 @@ pub struct Report {
     pub deletes: Vec<ChangeView>,
     /// Deletions held back by safety rules.
     pub held: Vec<HeldView>,
+    /// Mirror group changes (`assign: mirror`).
+    pub memberships: Vec<MembershipView>,
+    /// Mirror membership removals and group deletions held back by safety rules.
+    pub held_memberships: Vec<HeldMirror>,
     /// Desired assignments that already existed.
     pub unchanged: usize,
     /// Entra members without an Identity Center user.
     pub unresolved: Vec<Unresolved>,
+    /// Things to know that are not errors (e.g. a members rule that should be a mirror).
+    pub warnings: Vec<String>,
     /// Each rule as this run saw it.
     pub rules: Vec<RuleView>,
     /// The deletion cap that tripped.
@@ -269,7 +296,23 @@ impl Report {
         BTreeMap::from([
             ("creates".to_string(), n(self.creates.len())),
             ("deletes".to_string(), n(self.deletes.len())),
-            ("held".to_string(), n(self.held.len())),
+            (
+                "held".to_string(),
+                n(self.held.len()
+                    + self
+                        .held_memberships
+                        .iter()
+                        .map(|h| h.removals.len() + usize::from(h.delete_group))
+                        .sum::<usize>()),
+            ),
+            (
+                "members_added".to_string(),
+                n(self.memberships.iter().map(|m| m.added.len()).sum()),
+            ),
+            (
+                "members_removed".to_string(),
+                n(self.memberships.iter().map(|m| m.removed.len()).sum()),
+            ),
             ("unchanged".to_string(), n(self.unchanged)),
             ("unresolved".to_string(), n(self.unresolved.len())),
             ("failures".to_string(), n(self.failures.len())),
@@ -336,6 +379,55 @@ impl Report {
                     change_table(sign, changes.iter().map(|c| (c, None)))
                 );
             }
+        }
+        if !self.memberships.is_empty() {
+            let _ = writeln!(out, "Mirror groups:");
+            for m in &self.memberships {
+                let mut what = Vec::new();
+                if m.created {
+                    what.push("create".to_string());
+                }
+                if m.renamed {
+                    what.push("rename".to_string());
+                }
+                if m.deleted {
+                    what.push("delete".to_string());
+                }
+                let _ = writeln!(
+                    out,
+                    "  {}{}",
+                    m.mirror,
+                    if what.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", what.join(", "))
+                    }
+                );
+                for u in &m.added {
+                    let _ = writeln!(out, "    + {u}");
+                }
+                for u in &m.removed {
+                    let _ = writeln!(out, "    - {u}");
+                }
+            }
+            out.push('\n');
+        }
+        for h in &self.held_memberships {
+            let _ = writeln!(
+                out,
+                "Held back for mirror {}: {} removals{}: {}",
+                h.display_name,
+                h.removals.len(),
+                if h.delete_group {
+                    " and the group's deletion"
+                } else {
+                    ""
+                },
+                h.reason
+            );
+        }
+        for w in &self.warnings {
+            let _ = writeln!(out, "WARNING: {w}");
         }
         if !self.held.is_empty() {
             let _ = writeln!(out, "Deletions held back: {}", self.held.len());

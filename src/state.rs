@@ -7,6 +7,11 @@
 //!   the principal's name at the time, so a later deletion can be shown by name.
 //! - `pk = "RUN"`, `sk = <started at, RFC 3339>#<run id>`: one run's outcome, counts and
 //!   report, expiring after [`RUN_RETENTION_DAYS`].
+//! - `pk = "MIRROR"`, `sk = <Entra group id>`: an Identity Center group the tool created to
+//!   mirror an Entra group's transitive members.
+//! - `pk = "SOURCE"`, `sk = <rule name>`: the Entra group object id the rule's name resolved
+//!   to (the pin) and how many members it had at the last apply.
+//! - `pk = "LEASE"`, `sk = "apply"`: the run allowed to change things, until `expires_at`.
 
 use crate::aws::AwsError;
 use crate::model::{AccountId, Assignment, PrincipalType};
@@ -20,6 +25,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub const RUN_RETENTION_DAYS: u64 = 90;
 const OWNED_PK: &str = "OWNED";
 const RUN_PK: &str = "RUN";
+const MIRROR_PK: &str = "MIRROR";
+const SOURCE_PK: &str = "SOURCE";
+const LEASE_PK: &str = "LEASE";
+const LEASE_SK: &str = "apply";
 const SERVICE: &str = "dynamodb";
 /// DynamoDB's item limit is 400 KB; keep the stored report well under it.
 const MAX_REPORT_BYTES: usize = 300_000;
@@ -56,6 +65,50 @@ pub struct RunRecord {
     pub report_json: String,
 }
 
+/// An Identity Center group the tool owns, mirroring an Entra group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorRecord {
+    /// The Entra group's object id.
+    pub entra_group_id: String,
+    /// The identity-store group id.
+    pub group_id: String,
+    /// The display name it was given.
+    pub display_name: String,
+}
+
+/// What a rule's Entra group was at the last apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceRecord {
+    /// The rule.
+    pub rule: String,
+    /// The object id its group resolved to (the pin).
+    pub entra_group_id: String,
+    /// Transitive user members seen (members and mirror modes).
+    pub members: u64,
+}
+
+/// The result of trying to take the lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// This run holds it.
+    Acquired,
+    /// Another run holds it.
+    HeldBy {
+        /// The holder's run id.
+        holder: String,
+        /// When it expires (seconds since the epoch).
+        expires_at: u64,
+    },
+}
+
+/// Seconds since the Unix epoch.
+pub fn epoch_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
 /// What the engine needs from the state table.
 #[async_trait]
 pub trait StateStore: Send + Sync {
@@ -67,6 +120,24 @@ pub trait StateStore: Send + Sync {
     async fn remove(&self, assignment: &Assignment) -> Result<(), AwsError>;
     /// Records a run.
     async fn record_run(&self, run: &RunRecord) -> Result<(), AwsError>;
+    /// The most recent runs, newest first.
+    async fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, AwsError>;
+    /// Every mirror group the tool owns.
+    async fn mirrors(&self) -> Result<Vec<MirrorRecord>, AwsError>;
+    /// Records a mirror group.
+    async fn put_mirror(&self, mirror: &MirrorRecord) -> Result<(), AwsError>;
+    /// Forgets a mirror group.
+    async fn remove_mirror(&self, entra_group_id: &str) -> Result<(), AwsError>;
+    /// What each rule's group was at the last apply.
+    async fn sources(&self) -> Result<Vec<SourceRecord>, AwsError>;
+    /// Records a rule's group.
+    async fn put_source(&self, source: &SourceRecord) -> Result<(), AwsError>;
+    /// Takes the apply lease for `ttl_seconds` unless a live one is held by another run.
+    async fn acquire_lease(&self, holder: &str, ttl_seconds: u64) -> Result<Lease, AwsError>;
+    /// Extends the lease; `false` when it is no longer this run's.
+    async fn renew_lease(&self, holder: &str, ttl_seconds: u64) -> Result<bool, AwsError>;
+    /// Gives the lease up (only if this run holds it).
+    async fn release_lease(&self, holder: &str) -> Result<(), AwsError>;
 }
 
 /// The production [`StateStore`].
@@ -141,9 +212,14 @@ fn parse_entry(item: &HashMap<String, AttributeValue>) -> Result<LedgerEntry, St
     })
 }
 
-#[async_trait]
-impl StateStore for DynamoState {
-    async fn ledger(&self) -> Result<Vec<LedgerEntry>, AwsError> {
+impl DynamoState {
+    /// Every item of one partition, paged to the end, newest sort key first when `newest_first`.
+    async fn partition(
+        &self,
+        pk: &str,
+        newest_first: bool,
+        limit: Option<usize>,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>, AwsError> {
         let mut out = Vec::new();
         let mut start = None;
         loop {
@@ -152,20 +228,120 @@ impl StateStore for DynamoState {
                 .query()
                 .table_name(&self.table)
                 .key_condition_expression("pk = :pk")
-                .expression_attribute_values(":pk", s(OWNED_PK))
+                .expression_attribute_values(":pk", s(pk))
                 .consistent_read(true)
+                .scan_index_forward(!newest_first)
+                .set_limit(limit.map(|l| i32::try_from(l).unwrap_or(i32::MAX)))
                 .set_exclusive_start_key(start)
                 .send()
                 .await
                 .map_err(|e| AwsError::sdk(SERVICE, "Query", e))?;
-            for item in page.items.unwrap_or_default() {
-                out.push(parse_entry(&item).map_err(|m| AwsError::malformed(SERVICE, "Query", m))?);
-            }
+            out.extend(page.items.unwrap_or_default());
             start = page.last_evaluated_key.filter(|k| !k.is_empty());
-            if start.is_none() {
+            if start.is_none() || limit.is_some_and(|l| out.len() >= l) {
+                if let Some(l) = limit {
+                    out.truncate(l);
+                }
                 return Ok(out);
             }
         }
+    }
+
+    async fn delete(&self, pk: &str, sk: &str) -> Result<(), AwsError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(pk))
+            .key("sk", s(sk))
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "DeleteItem", e))?;
+        Ok(())
+    }
+
+    async fn write_lease(
+        &self,
+        holder: &str,
+        ttl_seconds: u64,
+        renew: bool,
+    ) -> Result<bool, AwsError> {
+        let now = epoch_seconds();
+        let req = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(LEASE_PK))
+            .item("sk", s(LEASE_SK))
+            .item("holder", s(holder))
+            .item(
+                "expires_at",
+                AttributeValue::N((now + ttl_seconds).to_string()),
+            )
+            .expression_attribute_values(":me", s(holder));
+        let req = if renew {
+            req.condition_expression("holder = :me")
+        } else {
+            req.condition_expression(
+                "attribute_not_exists(pk) OR expires_at < :now OR holder = :me",
+            )
+            .expression_attribute_values(":now", AttributeValue::N(now.to_string()))
+        };
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let e = AwsError::sdk(SERVICE, "PutItem", e);
+                if e.code() == Some("ConditionalCheckFailedException") {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+fn parse_run(item: &HashMap<String, AttributeValue>) -> Result<RunRecord, String> {
+    let n = |key: &str| -> u64 {
+        item.get(key)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default()
+    };
+    let counts = match item.get("counts") {
+        Some(AttributeValue::M(m)) => m
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_n()
+                        .ok()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    Ok(RunRecord {
+        run_id: get_s(item, "run_id")?.to_string(),
+        started_at: get_s(item, "started_at")?.to_string(),
+        trigger: get_s(item, "trigger")?.to_string(),
+        mode: get_s(item, "mode")?.to_string(),
+        outcome: get_s(item, "outcome")?.to_string(),
+        duration_ms: n("duration_ms"),
+        counts,
+        report_json: get_s(item, "report").unwrap_or_default().to_string(),
+    })
+}
+
+#[async_trait]
+impl StateStore for DynamoState {
+    async fn ledger(&self) -> Result<Vec<LedgerEntry>, AwsError> {
+        self.partition(OWNED_PK, false, None)
+            .await?
+            .iter()
+            .map(|item| parse_entry(item).map_err(|m| AwsError::malformed(SERVICE, "Query", m)))
+            .collect()
     }
 
     async fn put(&self, entry: &LedgerEntry, run_id: &str) -> Result<(), AwsError> {
@@ -197,23 +373,11 @@ impl StateStore for DynamoState {
     }
 
     async fn remove(&self, assignment: &Assignment) -> Result<(), AwsError> {
-        self.client
-            .delete_item()
-            .table_name(&self.table)
-            .key("pk", s(OWNED_PK))
-            .key("sk", s(assignment.key()))
-            .send()
-            .await
-            .map_err(|e| AwsError::sdk(SERVICE, "DeleteItem", e))?;
-        Ok(())
+        self.delete(OWNED_PK, &assignment.key()).await
     }
 
     async fn record_run(&self, run: &RunRecord) -> Result<(), AwsError> {
-        let expires_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default()
-            + RUN_RETENTION_DAYS * 86_400;
+        let expires_at = epoch_seconds() + RUN_RETENTION_DAYS * 86_400;
         let mut report = run.report_json.clone();
         if report.len() > MAX_REPORT_BYTES {
             let mut cut = MAX_REPORT_BYTES;
@@ -248,6 +412,130 @@ impl StateStore for DynamoState {
             .await
             .map_err(|e| AwsError::sdk(SERVICE, "PutItem", e))?;
         Ok(())
+    }
+
+    async fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, AwsError> {
+        self.partition(RUN_PK, true, Some(limit))
+            .await?
+            .iter()
+            .map(|item| parse_run(item).map_err(|m| AwsError::malformed(SERVICE, "Query", m)))
+            .collect()
+    }
+
+    async fn mirrors(&self) -> Result<Vec<MirrorRecord>, AwsError> {
+        self.partition(MIRROR_PK, false, None)
+            .await?
+            .iter()
+            .map(|item| {
+                Ok(MirrorRecord {
+                    entra_group_id: get_s(item, "sk")?.to_string(),
+                    group_id: get_s(item, "group_id")?.to_string(),
+                    display_name: get_s(item, "display_name")?.to_string(),
+                })
+            })
+            .collect::<Result<_, String>>()
+            .map_err(|m| AwsError::malformed(SERVICE, "Query", format!("mirror item: {m}")))
+    }
+
+    async fn put_mirror(&self, mirror: &MirrorRecord) -> Result<(), AwsError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(MIRROR_PK))
+            .item("sk", s(&mirror.entra_group_id))
+            .item("group_id", s(&mirror.group_id))
+            .item("display_name", s(&mirror.display_name))
+            .item("updated_at", s(now_rfc3339()))
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "PutItem", e))?;
+        Ok(())
+    }
+
+    async fn remove_mirror(&self, entra_group_id: &str) -> Result<(), AwsError> {
+        self.delete(MIRROR_PK, entra_group_id).await
+    }
+
+    async fn sources(&self) -> Result<Vec<SourceRecord>, AwsError> {
+        self.partition(SOURCE_PK, false, None)
+            .await?
+            .iter()
+            .map(|item| {
+                Ok(SourceRecord {
+                    rule: get_s(item, "sk")?.to_string(),
+                    entra_group_id: get_s(item, "entra_group_id")?.to_string(),
+                    members: item
+                        .get("members")
+                        .and_then(|v| v.as_n().ok())
+                        .and_then(|v| v.parse().ok())
+                        .ok_or("attribute members is missing")?,
+                })
+            })
+            .collect::<Result<_, String>>()
+            .map_err(|m| AwsError::malformed(SERVICE, "Query", format!("source item: {m}")))
+    }
+
+    async fn put_source(&self, source: &SourceRecord) -> Result<(), AwsError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(SOURCE_PK))
+            .item("sk", s(&source.rule))
+            .item("entra_group_id", s(&source.entra_group_id))
+            .item("members", AttributeValue::N(source.members.to_string()))
+            .item("updated_at", s(now_rfc3339()))
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "PutItem", e))?;
+        Ok(())
+    }
+
+    async fn acquire_lease(&self, holder: &str, ttl_seconds: u64) -> Result<Lease, AwsError> {
+        if self.write_lease(holder, ttl_seconds, false).await? {
+            return Ok(Lease::Acquired);
+        }
+        let current = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(LEASE_PK))
+            .key("sk", s(LEASE_SK))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "GetItem", e))?
+            .item
+            .unwrap_or_default();
+        Ok(Lease::HeldBy {
+            holder: get_s(&current, "holder").unwrap_or("unknown").to_string(),
+            expires_at: current
+                .get("expires_at")
+                .and_then(|v| v.as_n().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn renew_lease(&self, holder: &str, ttl_seconds: u64) -> Result<bool, AwsError> {
+        self.write_lease(holder, ttl_seconds, true).await
+    }
+
+    async fn release_lease(&self, holder: &str) -> Result<(), AwsError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(LEASE_PK))
+            .key("sk", s(LEASE_SK))
+            .condition_expression("holder = :me")
+            .expression_attribute_values(":me", s(holder))
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "DeleteItem", e));
+        match result {
+            Err(e) if e.code() != Some("ConditionalCheckFailedException") => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 
