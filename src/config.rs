@@ -894,6 +894,26 @@ assignments:
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// Arbitrary text and damaged copies of a valid file: an error or a config, never a panic.
+        #[test]
+        fn parsing_never_panics(
+            text in ".{0,200}",
+            cut in 0usize..VALID.len(),
+            line in 0usize..40,
+            junk in "[ -~]{0,12}",
+        ) {
+            let _ = Config::parse(&text, "fuzz.yaml");
+            let _ = Config::parse(&VALID[..cut], "fuzz.yaml");
+            let mut lines: Vec<&str> = VALID.lines().collect();
+            if line < lines.len() {
+                lines[line] = &junk;
+            }
+            let _ = Config::parse(&lines.join("\n"), "fuzz.yaml");
+        }
+    }
+
     #[test]
     fn environment_overrides_apply_and_are_checked() {
         let mut c = Config::parse(VALID, "c.yaml").unwrap();

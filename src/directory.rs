@@ -85,6 +85,11 @@ pub trait Directory: Send + Sync {
     async fn group(&self, id: &Guid) -> Result<Option<DirGroup>, DirectoryError>;
     /// Every user who is a member of the group directly or through nested groups, each once.
     async fn transitive_users(&self, group_id: &str) -> Result<Vec<DirUser>, DirectoryError>;
+    /// The group's direct members: users and groups.
+    async fn direct_members(
+        &self,
+        group_id: &str,
+    ) -> Result<(Vec<DirUser>, Vec<DirGroup>), DirectoryError>;
     /// Every group nested in the group, at any depth, each once.
     async fn transitive_groups(&self, group_id: &str) -> Result<Vec<DirGroup>, DirectoryError>;
     /// Requests sent so far (for the run report).
@@ -428,6 +433,48 @@ impl Directory for GraphClient {
                 user_principal_name: u.user_principal_name,
             })
             .collect())
+    }
+
+    async fn direct_members(
+        &self,
+        group_id: &str,
+    ) -> Result<(Vec<DirUser>, Vec<DirGroup>), DirectoryError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Member {
+            #[serde(rename = "@odata.type")]
+            odata_type: String,
+            id: String,
+            display_name: Option<String>,
+            user_principal_name: Option<String>,
+            account_enabled: Option<bool>,
+        }
+        let url = self.url(
+            &format!("/groups/{group_id}/members"),
+            &[
+                ("$select", "id,displayName,userPrincipalName,accountEnabled"),
+                ("$top", PAGE_SIZE),
+            ],
+        );
+        let what = format!("GET /groups/{group_id}/members");
+        let members: Vec<Member> = self.get_all(url, &what, false).await?.unwrap_or_default();
+        let (mut users, mut groups) = (Vec::new(), Vec::new());
+        for m in members {
+            match m.odata_type.as_str() {
+                "#microsoft.graph.user" => users.push(DirUser {
+                    user_principal_name: m.user_principal_name.unwrap_or_default(),
+                    display_name: m.display_name.unwrap_or_default(),
+                    account_enabled: m.account_enabled.unwrap_or(true),
+                    id: m.id,
+                }),
+                "#microsoft.graph.group" => groups.push(DirGroup {
+                    display_name: m.display_name.unwrap_or_default(),
+                    id: m.id,
+                }),
+                _ => {}
+            }
+        }
+        Ok((users, groups))
     }
 
     async fn transitive_groups(&self, group_id: &str) -> Result<Vec<DirGroup>, DirectoryError> {

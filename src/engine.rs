@@ -239,14 +239,14 @@ fn protection(protected: &Protected, names: &BTreeMap<Principal, String>) -> Pro
 
 /// The instance's permission sets, both ways, when some rule names one by name.
 #[derive(Default)]
-struct PermissionSets {
+pub(crate) struct PermissionSets {
     by_name: BTreeMap<String, String>,
-    names: BTreeMap<String, String>,
+    pub(crate) names: BTreeMap<String, String>,
 }
 
 impl PermissionSets {
     /// The ARN a rule's permission set stands for.
-    fn arn_of(&self, rule: &Rule) -> Result<String, EngineError> {
+    pub(crate) fn arn_of(&self, rule: &Rule) -> Result<String, EngineError> {
         match &rule.permission_set {
             PermissionSetRef::Arn(arn) => Ok(arn.clone()),
             PermissionSetRef::Name(name) => {
@@ -530,7 +530,7 @@ impl Engine {
 
     /// Looks up each distinct Entra group once, however many rules name it. A group that does
     /// not exist, or a name that several groups share, is an `Err` for the rules naming it.
-    async fn find_groups(
+    pub(crate) async fn find_groups(
         &self,
         config: &Config,
     ) -> Result<BTreeMap<GroupRef, Result<DirGroup, String>>, EngineError> {
@@ -888,7 +888,10 @@ impl Engine {
     }
 
     /// Lists the instance's permission sets when some rule names one by name.
-    async fn permission_sets(&self, config: &Config) -> Result<PermissionSets, EngineError> {
+    pub(crate) async fn permission_sets(
+        &self,
+        config: &Config,
+    ) -> Result<PermissionSets, EngineError> {
         let mut sets = PermissionSets::default();
         if config
             .assignments
@@ -1173,71 +1176,6 @@ pub async fn expand_scopes(
         expansions,
         unmanageable,
         organization: org,
-    })
-}
-
-/// Why an account is or is not reached by each rule.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct AccountExplanation {
-    /// The account.
-    pub account_id: AccountId,
-    /// Its name, when the organization was read.
-    pub name: Option<String>,
-    /// Its OU path, when the organization was read.
-    pub path: Option<String>,
-    /// Why no rule may target it, when that is so.
-    pub unmanageable: Option<String>,
-    /// Each rule: the scope entries that reach the account (empty: not reached).
-    pub rules: Vec<RuleReach>,
-}
-
-/// One rule's reach into an account.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct RuleReach {
-    /// Rule name.
-    pub rule: String,
-    /// The Entra group as configured.
-    pub entra_group: String,
-    /// The permission set as configured.
-    pub permission_set: String,
-    /// The scope entries that reach the account; empty when the rule does not.
-    pub via: Vec<String>,
-    /// Set when the account is in the rule's scope but skipped (not ACTIVE).
-    pub skipped: Option<String>,
-}
-
-/// Which rules reach an account, and through which scope (reads only the organization).
-pub async fn explain_account(
-    organizations: &dyn OrganizationApi,
-    config: &Config,
-    account: &AccountId,
-) -> Result<AccountExplanation, EngineError> {
-    let scopes = expand_scopes(organizations, config).await?;
-    let org_account = scopes
-        .organization
-        .as_ref()
-        .and_then(|o| o.accounts.get(account).map(|a| (o, a)));
-    let rules = config
-        .assignments
-        .iter()
-        .zip(&scopes.expansions)
-        .map(|(rule, e)| RuleReach {
-            rule: rule.name.to_string(),
-            entra_group: String::from(rule.entra_group.clone()),
-            permission_set: rule.permission_set.to_string(),
-            via: e.accounts.get(account).cloned().unwrap_or_default(),
-            skipped: e
-                .skipped_inactive
-                .contains(account)
-                .then(|| "in scope but not ACTIVE".to_string()),
-        })
-        .collect();
-    Ok(AccountExplanation {
-        account_id: account.clone(),
-        name: org_account.map(|(_, a)| a.name.clone()),
-        path: org_account.map(|(o, a)| o.path(&a.parent)),
-        unmanageable: scopes.unmanageable.get(account).cloned(),
-        rules,
     })
 }
 

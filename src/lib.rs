@@ -10,6 +10,7 @@ pub mod aws;
 pub mod config;
 pub mod directory;
 pub mod engine;
+pub mod explain;
 pub mod identity;
 pub mod mirror;
 pub mod model;

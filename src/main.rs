@@ -3,9 +3,11 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use entra_sso_sync::aws::load_config;
 use entra_sso_sync::config::Config;
-use entra_sso_sync::engine::{explain_account, Engine, Mode, RunRequest, Target};
+use entra_sso_sync::engine::{Engine, Mode, RunRequest, Target};
+use entra_sso_sync::explain::{explain_account, explain_user};
 use entra_sso_sync::model::AccountId;
 use entra_sso_sync::organizations::SdkOrganizations;
+use entra_sso_sync::state::{DynamoState, StateStore};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -41,13 +43,25 @@ enum Command {
     Validate(ConfigArg),
     /// Read everything, change nothing. Exit 0 in sync, 2 changes pending, 1 error.
     Plan(RunArgs),
-    /// Explain which rules reach an account, and through which scope.
+    /// Explain which rules reach an account (and through which scope), or why a user has or
+    /// lacks access (the rule, the Entra group and the nesting path).
     Explain {
         #[command(flatten)]
         run: RunArgs,
         /// The 12-digit account id.
+        #[arg(long, required_unless_present = "user", conflicts_with = "user")]
+        account: Option<String>,
+        /// The user principal name.
         #[arg(long)]
-        account: String,
+        user: Option<String>,
+    },
+    /// List recent runs recorded in the state table, newest first.
+    History {
+        #[command(flatten)]
+        run: RunArgs,
+        /// How many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
     },
     /// Make the changes. Exit 0 done, 1 error, 3 a safety guard held deletions back.
     Apply {
@@ -108,7 +122,18 @@ async fn run(cli: Cli) -> Result<u8, String> {
             println!("{}: valid ({} rules)", arg.config, config.assignments.len());
             return Ok(0);
         }
-        Command::Explain { run, account } => return explain(run, &account).await,
+        Command::Explain {
+            run,
+            account: Some(account),
+            ..
+        } => return explain(run, &account).await,
+        Command::Explain {
+            run,
+            user: Some(user),
+            ..
+        } => return explain_person(run, &user).await,
+        Command::Explain { .. } => return Err("explain needs --account or --user".into()),
+        Command::History { run, limit } => return history(run, limit).await,
         Command::Plan(run) => (run, Mode::Plan, None),
         Command::Apply {
             run,
@@ -187,6 +212,70 @@ async fn explain(args: RunArgs, account: &str) -> Result<u8, String> {
                 println!(
                     "  rule {}: {} for Entra group {}: {how}",
                     r.rule, r.permission_set, r.entra_group
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `explain --user`: the whole lookup chain, read-only.
+async fn explain_person(args: RunArgs, upn: &str) -> Result<u8, String> {
+    let sdk = aws_config::load_from_env().await;
+    let config = read_config(&args.config.config, Some(&sdk)).await?;
+    let engine = Engine::connect(&config, &sdk, std::env::var("ENTRA_CLIENT_SECRET").ok())
+        .await
+        .map_err(|e| chain(&e))?;
+    let x = explain_user(&engine, &config, upn)
+        .await
+        .map_err(|e| chain(&e))?;
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&x).map_err(|e| e.to_string())?
+        ),
+        Output::Text => print!("{}", x.to_text()),
+    }
+    Ok(0)
+}
+
+/// `history`: recent run records from the state table.
+async fn history(args: RunArgs, limit: usize) -> Result<u8, String> {
+    let sdk = aws_config::load_from_env().await;
+    let config = read_config(&args.config.config, Some(&sdk)).await?;
+    let state = DynamoState::new(
+        aws_sdk_dynamodb::Client::new(&sdk),
+        config.state.table.to_string(),
+    );
+    let runs = state.runs(limit).await.map_err(|e| chain(&e))?;
+    match args.output {
+        Output::Json => {
+            let reports: Vec<serde_json::Value> = runs
+                .iter()
+                .map(|r| serde_json::from_str(&r.report_json).unwrap_or(serde_json::Value::Null))
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?
+            );
+        }
+        Output::Text => {
+            println!(
+                "{:<28} {:<14} {:<7} {:<16} {:>7} {:>7} {:>5} {:>8}",
+                "STARTED", "TRIGGER", "MODE", "OUTCOME", "CREATES", "DELETES", "HELD", "MS"
+            );
+            for r in &runs {
+                let n = |k: &str| r.counts.get(k).copied().unwrap_or_default();
+                println!(
+                    "{:<28} {:<14} {:<7} {:<16} {:>7} {:>7} {:>5} {:>8}",
+                    r.started_at,
+                    r.trigger,
+                    r.mode,
+                    r.outcome,
+                    n("creates"),
+                    n("deletes"),
+                    n("held"),
+                    r.duration_ms
                 );
             }
         }

@@ -157,3 +157,58 @@ async fn explain_account_names_the_rules_and_scopes_that_reach_it() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn explain_user_shows_the_nesting_path_and_history_lists_the_runs() {
+    let s = Stack::new().await;
+    let rules = "  - name: devs\n    entra_group: Developers\n    permission_set: ReadOnlyAccess\n    accounts: [\"222222222222\"]\n    assign: members\n  - name: devs-group\n    entra_group: Developers\n    permission_set: AdministratorAccess\n    accounts: [\"111111111111\"]\n  - name: admins\n    entra_group: Platform Admins\n    permission_set: AdministratorAccess\n    accounts: [\"111111111111\"]\n";
+    let dir = std::env::temp_dir().join(format!("ess-explain-user-{}", s.account.account_id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.yaml");
+    std::fs::write(&path, s.config_text(rules, 20)).unwrap();
+    let config = path.to_str().unwrap();
+    let secret = [("ENTRA_CLIENT_SECRET", SECRET)];
+    let apply = cli(&s, &["apply", "--config", config], &secret).await;
+    assert_eq!(apply.status.code(), Some(0), "{}", text(&apply));
+
+    let out = cli(
+        &s,
+        &[
+            "explain",
+            "--config",
+            config,
+            "--user",
+            "erin@contoso.example",
+        ],
+        &secret,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "rule devs (members, ReadOnlyAccess for Entra group Developers): grants access"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("via Developers > Team Payments > Payments Oncall > erin@contoso.example"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("222222222222: assigned"), "{stdout}");
+    assert!(stdout.contains("rule devs-group (group, AdministratorAccess for Entra group Developers): a member only through nested groups"), "{stdout}");
+    assert!(stdout.contains("rule admins (group, AdministratorAccess for Entra group Platform Admins): not a member"), "{stdout}");
+
+    let out = cli(
+        &s,
+        &["history", "--config", config, "--output", "json"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 1, "one apply so far (explain records nothing)");
+    assert_eq!(runs[0]["outcome"], "applied");
+    assert_eq!(runs[0]["creates"].as_array().unwrap().len(), 6);
+}
