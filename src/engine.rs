@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+/// Reads of current assignments in flight at once.
+const READ_CONCURRENCY: usize = 8;
+
 /// Plan only, or plan and apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -400,17 +403,7 @@ impl Engine {
             .collect();
 
         tracing::info!(pairs = observed.len(), "reading current assignments");
-        let mut actual = BTreeSet::new();
-        for (acct, ps) in &observed {
-            for p in self.sso.assigned(acct, ps).await? {
-                actual.insert(Assignment {
-                    account_id: acct.clone(),
-                    permission_set_arn: ps.clone(),
-                    principal_type: p.principal_type,
-                    principal_id: p.principal_id,
-                });
-            }
-        }
+        let actual = self.read_assignments(&observed).await?;
 
         let protection = protection(&config.safety.protected, &g.principal_names);
         let plan = plan::plan(PlanInput {
@@ -494,6 +487,43 @@ impl Engine {
         self.record(&report).await;
         tracing::info!(run_id = report.run_id, outcome = ?report.outcome, duration_ms = report.duration_ms, "run finished");
         Ok(report)
+    }
+
+    /// The assignments of every observed pair, several pairs in flight (the service's rate
+    /// limit, not latency, should bound a large read). Any failed read fails the run.
+    async fn read_assignments(
+        &self,
+        observed: &BTreeSet<(AccountId, String)>,
+    ) -> Result<BTreeSet<Assignment>, EngineError> {
+        let gate = Arc::new(Semaphore::new(READ_CONCURRENCY));
+        let mut tasks = JoinSet::new();
+        for (acct, ps) in observed.iter().cloned() {
+            let (sso, gate) = (self.sso.clone(), gate.clone());
+            tasks.spawn(async move {
+                let _permit = gate.acquire_owned().await;
+                let principals = sso.assigned(&acct, &ps).await;
+                (acct, ps, principals)
+            });
+        }
+        let mut actual = BTreeSet::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (acct, ps, principals) = joined.map_err(|e| {
+                AwsError::malformed(
+                    "sso-admin",
+                    "ListAccountAssignments",
+                    format!("task failed: {e}"),
+                )
+            })?;
+            for p in principals? {
+                actual.insert(Assignment {
+                    account_id: acct.clone(),
+                    permission_set_arn: ps.clone(),
+                    principal_type: p.principal_type,
+                    principal_id: p.principal_id,
+                });
+            }
+        }
+        Ok(actual)
     }
 
     /// After an apply: pins each evaluated rule to the object id its group name resolved to,
