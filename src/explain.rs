@@ -75,6 +75,32 @@ pub async fn explain_account(
     })
 }
 
+impl AccountExplanation {
+    /// The explanation as text for people.
+    pub fn to_text(&self) -> String {
+        let place = match (&self.name, &self.path) {
+            (Some(n), Some(p)) => format!(" ({n}, in {p})"),
+            _ => String::new(),
+        };
+        let mut out = format!("Account {}{place}\n", self.account_id);
+        if let Some(why) = &self.unmanageable {
+            out.push_str(&format!("  not managed: {why}\n"));
+        }
+        for r in &self.rules {
+            let how = match (&r.skipped, r.via.is_empty()) {
+                (Some(why), _) => format!("skipped: {why}"),
+                (None, true) => "does not reach it".to_string(),
+                (None, false) => format!("reaches it via {}", r.via.join("; ")),
+            };
+            out.push_str(&format!(
+                "  rule {}: {} for Entra group {}: {how}\n",
+                r.rule, r.permission_set, r.entra_group
+            ));
+        }
+        out
+    }
+}
+
 /// Why a user has, or has not, the access each rule grants.
 #[derive(Clone, Debug, Serialize)]
 pub struct UserExplanation {

@@ -140,8 +140,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
             allow_deletions,
         } => (run, Mode::Apply, allow_deletions),
     };
-    let sdk = aws_config::load_from_env().await;
-    let config = read_config(&args.config.config, Some(&sdk)).await?;
+    let (sdk, config) = load(&args).await?;
     let engine = Engine::connect(&config, &sdk, std::env::var("ENTRA_CLIENT_SECRET").ok())
         .await
         .map_err(|e| chain(&e))?;
@@ -153,13 +152,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
         deadline: None,
     };
     let report = engine.run(&config, &request).await.map_err(|e| chain(&e))?;
-    match args.output {
-        Output::Text => print!("{}", report.to_text()),
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        ),
-    }
+    print(args.output, &report, || report.to_text())?;
     Ok(report.outcome.exit_code() as u8)
 }
 
@@ -180,105 +173,92 @@ async fn read_config(uri: &str, sdk: Option<&aws_config::SdkConfig>) -> Result<C
     result.map_err(|e| e.to_string())
 }
 
+/// Prints a result as JSON or as text.
+fn print(
+    output: Output,
+    value: &impl serde::Serialize,
+    text: impl FnOnce() -> String,
+) -> Result<(), String> {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).map_err(|e| e.to_string())?
+        ),
+        Output::Text => print!("{}", text()),
+    }
+    Ok(())
+}
+
+/// The AWS configuration and the checked configuration file.
+async fn load(args: &RunArgs) -> Result<(aws_config::SdkConfig, Config), String> {
+    let sdk = aws_config::load_from_env().await;
+    let config = read_config(&args.config.config, Some(&sdk)).await?;
+    Ok((sdk, config))
+}
+
 /// `explain --account`: reads only the configuration and the organization.
 async fn explain(args: RunArgs, account: &str) -> Result<u8, String> {
     let account =
         AccountId::try_from(account.to_string()).map_err(|e| format!("--account: {e}"))?;
-    let sdk = aws_config::load_from_env().await;
-    let config = read_config(&args.config.config, Some(&sdk)).await?;
+    let (sdk, config) = load(&args).await?;
     let x = explain_account(&SdkOrganizations::new(&sdk), &config, &account)
         .await
         .map_err(|e| chain(&e))?;
-    match args.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&x).map_err(|e| e.to_string())?
-        ),
-        Output::Text => {
-            let place = match (&x.name, &x.path) {
-                (Some(n), Some(p)) => format!(" ({n}, in {p})"),
-                _ => String::new(),
-            };
-            println!("Account {}{place}", x.account_id);
-            if let Some(why) = &x.unmanageable {
-                println!("  not managed: {why}");
-            }
-            for r in &x.rules {
-                let how = match (&r.skipped, r.via.is_empty()) {
-                    (Some(why), _) => format!("skipped: {why}"),
-                    (None, true) => "does not reach it".to_string(),
-                    (None, false) => format!("reaches it via {}", r.via.join("; ")),
-                };
-                println!(
-                    "  rule {}: {} for Entra group {}: {how}",
-                    r.rule, r.permission_set, r.entra_group
-                );
-            }
-        }
-    }
+    print(args.output, &x, || x.to_text())?;
     Ok(0)
 }
 
 /// `explain --user`: the whole lookup chain, read-only.
 async fn explain_person(args: RunArgs, upn: &str) -> Result<u8, String> {
-    let sdk = aws_config::load_from_env().await;
-    let config = read_config(&args.config.config, Some(&sdk)).await?;
+    let (sdk, config) = load(&args).await?;
     let engine = Engine::connect(&config, &sdk, std::env::var("ENTRA_CLIENT_SECRET").ok())
         .await
         .map_err(|e| chain(&e))?;
     let x = explain_user(&engine, &config, upn)
         .await
         .map_err(|e| chain(&e))?;
-    match args.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&x).map_err(|e| e.to_string())?
-        ),
-        Output::Text => print!("{}", x.to_text()),
-    }
+    print(args.output, &x, || x.to_text())?;
     Ok(0)
 }
 
 /// `history`: recent run records from the state table.
 async fn history(args: RunArgs, limit: usize) -> Result<u8, String> {
-    let sdk = aws_config::load_from_env().await;
-    let config = read_config(&args.config.config, Some(&sdk)).await?;
+    let (sdk, config) = load(&args).await?;
     let state = DynamoState::new(
         aws_sdk_dynamodb::Client::new(&sdk),
         config.state.table.to_string(),
     );
     let runs = state.runs(limit).await.map_err(|e| chain(&e))?;
-    match args.output {
-        Output::Json => {
-            let reports: Vec<serde_json::Value> = runs
-                .iter()
-                .map(|r| serde_json::from_str(&r.report_json).unwrap_or(serde_json::Value::Null))
-                .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?
-            );
+    // A report too large for its item was cut when recorded: it shows as null.
+    let reports: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| serde_json::from_str(&r.report_json).unwrap_or(serde_json::Value::Null))
+        .collect();
+    print(args.output, &reports, || {
+        let line = |cells: [&dyn std::fmt::Display; 8]| {
+            format!(
+                "{:<28} {:<14} {:<7} {:<16} {:>7} {:>7} {:>5} {:>8}\n",
+                cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+            )
+        };
+        let mut out = line([
+            &"STARTED", &"TRIGGER", &"MODE", &"OUTCOME", &"CREATES", &"DELETES", &"HELD", &"MS",
+        ]);
+        for r in &runs {
+            let n = |k: &str| r.counts.get(k).copied().unwrap_or_default();
+            let (c, d, h) = (n("creates"), n("deletes"), n("held"));
+            out.push_str(&line([
+                &r.started_at,
+                &r.trigger,
+                &r.mode,
+                &r.outcome,
+                &c,
+                &d,
+                &h,
+                &r.duration_ms,
+            ]));
         }
-        Output::Text => {
-            println!(
-                "{:<28} {:<14} {:<7} {:<16} {:>7} {:>7} {:>5} {:>8}",
-                "STARTED", "TRIGGER", "MODE", "OUTCOME", "CREATES", "DELETES", "HELD", "MS"
-            );
-            for r in &runs {
-                let n = |k: &str| r.counts.get(k).copied().unwrap_or_default();
-                println!(
-                    "{:<28} {:<14} {:<7} {:<16} {:>7} {:>7} {:>5} {:>8}",
-                    r.started_at,
-                    r.trigger,
-                    r.mode,
-                    r.outcome,
-                    n("creates"),
-                    n("deletes"),
-                    n("held"),
-                    r.duration_ms
-                );
-            }
-        }
-    }
+        out
+    })?;
     Ok(0)
 }
