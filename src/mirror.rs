@@ -124,9 +124,10 @@ pub(crate) async fn prepare(
                     principal_type: PrincipalType::User,
                     principal_id: user.clone(),
                 };
-                if !g.principal_names.contains_key(&p) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = g.principal_names.entry(p)
+                {
                     if let Some(name) = identity.user_name(user).await? {
-                        g.principal_names.insert(p, name);
+                        slot.insert(name);
                     }
                 }
             }
