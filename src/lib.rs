@@ -4,18 +4,23 @@
 //! The shape is a reconciler: [`config`] is parsed and checked, [`engine`] gathers from the
 //! [`directory`] (Graph), the [`identity`] store, [`sso`] (sso-admin) and the [`state`] table,
 //! [`plan`] computes the diff and applies the safety filters without any I/O, and the engine
-//! applies it and records the [`report`].
+//! applies it and records the [`report`]. The command line and the AWS Lambda function
+//! ([`lambda`]) are thin entry points over the same engine.
 
 pub mod aws;
 pub mod config;
 pub mod directory;
 pub mod engine;
 pub mod explain;
+#[cfg(any(test, feature = "fakes"))]
+pub mod fakes;
 pub mod identity;
+pub mod lambda;
 pub mod mirror;
 pub mod model;
 pub mod organizations;
 pub mod plan;
+pub mod rate;
 pub mod report;
 pub mod retry;
 pub mod scope;

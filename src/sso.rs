@@ -184,6 +184,9 @@ impl AssignmentApi for SdkAssignments {
         let mut arns = Vec::new();
         let mut token = None;
         loop {
+            if token.is_some() {
+                crate::rate::pace_page().await;
+            }
             self.count();
             let page = self
                 .client
@@ -202,6 +205,7 @@ impl AssignmentApi for SdkAssignments {
         }
         let mut out = Vec::with_capacity(arns.len());
         for arn in arns {
+            crate::rate::pace_page().await;
             self.count();
             let d = self
                 .client
@@ -232,6 +236,9 @@ impl AssignmentApi for SdkAssignments {
         let mut out = Vec::new();
         let mut token = None;
         loop {
+            if token.is_some() {
+                crate::rate::pace_page().await;
+            }
             self.count();
             let page = self
                 .client

@@ -1,0 +1,651 @@
+//! Issue 7 §1: the reconcile benchmark. Runs the real engine, wrapped by the rate-aware
+//! executor (`rate::with_quotas`), against in-process fakes of Graph, the identity store,
+//! sso-admin, Organizations and DynamoDB that enforce the AWS quotas, add 40 ms per call and
+//! 1–3 s before an assignment request settles, and throttle whatever exceeds the quotas. Time
+//! is tokio's paused (virtual) clock, so every figure but the CPU and real times is the same on
+//! every machine.
+//!
+//! ```text
+//! cargo bench --bench reconcile                  # small medium large, then the plan micro-benchmark
+//! cargo bench --bench reconcile -- small medium  # some sizes only (`plan` for the micro-benchmark)
+//! ```
+//!
+//! See docs/benchmark.md for what each column means and bounds it.
+
+use entra_sso_sync::engine::{ApplySettings, Engine, Mode, RunRequest, Target};
+use entra_sso_sync::fakes::synth::{Spec, World};
+use entra_sso_sync::fakes::{graph_cost, pages, FakeOrganizations, Fakes, SsoSettings, Tenant};
+use entra_sso_sync::model::{AccountId, Assignment, Principal, PrincipalType};
+use entra_sso_sync::plan::{self, Limits, Owned, PlanInput, Protection, ResolvedRule, RuleSource};
+use entra_sso_sync::rate::{
+    with_quotas, IDENTITY_STORE_RATE, MAX_OUTSTANDING_CREATIONS, SSO_ADMIN_RATE,
+};
+use entra_sso_sync::report::Report;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// heap accounting
+// ---------------------------------------------------------------------------------------------
+
+/// The system allocator, counting bytes in use and their peak (while [`COUNTING`]).
+struct Counting;
+
+/// Bytes in use, as counted; signed, since blocks allocated while not counting may be freed
+/// while counting. Only differences are reported.
+static CURRENT: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+/// Off while CPU time is measured, so the counters do not weigh on it.
+static COUNTING: AtomicBool = AtomicBool::new(true);
+
+fn grew(by: usize) {
+    if COUNTING.load(Ordering::Relaxed) {
+        let by = by as isize;
+        let now = CURRENT.fetch_add(by, Ordering::Relaxed) + by;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+fn shrank(by: usize) {
+    if COUNTING.load(Ordering::Relaxed) {
+        CURRENT.fetch_sub(by as isize, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f` without heap accounting. Everything `f` allocates must be freed inside it.
+fn uncounted<R: Copy>(f: impl FnOnce() -> R) -> R {
+    COUNTING.store(false, Ordering::Relaxed);
+    let r = f();
+    COUNTING.store(true, Ordering::Relaxed);
+    r
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        shrank(layout.size());
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                grew(new_size - layout.size());
+            } else {
+                shrank(layout.size() - new_size);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn mib(bytes: isize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// the model's constants
+// ---------------------------------------------------------------------------------------------
+
+/// Mean time before an assignment request settles in the fakes (1–3 s).
+const MEAN_SETTLE: Duration = Duration::from_secs(2);
+/// Graph's smallest tenant budget, resource units per second.
+const GRAPH_UNITS_PER_SEC: f64 = 350.0;
+
+// ---------------------------------------------------------------------------------------------
+// one run
+// ---------------------------------------------------------------------------------------------
+
+/// The fewest calls a run could make, per service, and what that implies for time.
+#[derive(Default)]
+struct Bound {
+    graph: u64,
+    graph_units: u64,
+    identity_users: u64,
+    identity_groups: u64,
+    sso: u64,
+    organizations: u64,
+    floor: Duration,
+}
+
+/// What one run measured.
+struct Row {
+    size: &'static str,
+    case: &'static str,
+    creates: usize,
+    deletes: usize,
+    outcome: String,
+    converged: bool,
+    calls: BTreeMap<&'static str, u64>,
+    throttled: u64,
+    bound: Bound,
+    simulated: Duration,
+    plan_cpu: Duration,
+    real: Duration,
+    peak_heap: isize,
+    retained_heap: isize,
+}
+
+/// The lower bound on calls for a run over `tenant`, given what Identity Center and the ledger
+/// held before it and the changes it had to make.
+///
+/// - Graph: one request per distinct Entra group a rule names (look-up by name or id), plus
+///   one per 999-member page of each distinct members-mode group's transitive users. `$batch`
+///   saves round trips, not throttling units, so it does not lower this.
+/// - identitystore: for users and for groups, the cheaper of listing the store (100 per page)
+///   and one look-up per wanted principal.
+/// - sso-admin: `ListPermissionSets` pages plus one `DescribePermissionSet` per set (rules name
+///   permission sets by name), one `ListAccountAssignments` per 100-principal page of every
+///   (account, permission set) pair in play (the rules' pairs and the ledger's), and two
+///   requests per change (the request and one status poll).
+/// - organizations: the reads of the tree (see `FakeOrganizations::snapshot_calls`) and the
+///   caller's account.
+fn bound(
+    world: &World,
+    tenant: &Tenant,
+    fakes: &Fakes,
+    pairs: &BTreeSet<(AccountId, String)>,
+    changes: (usize, usize),
+) -> Bound {
+    let mut b = Bound::default();
+    let named: BTreeSet<&String> = world.rules.iter().map(|r| &r.group).collect();
+    b.graph = named.len() as u64;
+    b.graph_units = world
+        .rules
+        .iter()
+        .map(|r| &r.group)
+        .collect::<BTreeSet<_>>()
+        .iter()
+        .map(|g| {
+            let by_id = world.rules.iter().any(|r| &r.group == *g && r.by_id);
+            u64::from(if by_id {
+                graph_cost::GROUP
+            } else {
+                graph_cost::GROUPS_BY_NAME
+            })
+        })
+        .sum();
+    let member_groups: BTreeSet<&String> = world
+        .rules
+        .iter()
+        .filter(|r| r.members)
+        .map(|r| &r.group)
+        .collect();
+    let mut wanted_users = BTreeSet::new();
+    for g in &member_groups {
+        let users = tenant.transitive_users(g);
+        let p = pages(users.len(), graph_cost::MEMBER_PAGE) as u64;
+        b.graph += p;
+        b.graph_units += p * u64::from(graph_cost::TRANSITIVE_PAGE);
+        wanted_users.extend(users);
+    }
+    let wanted_groups = world
+        .rules
+        .iter()
+        .filter(|r| !r.members)
+        .map(|r| &r.group)
+        .collect::<BTreeSet<_>>()
+        .len();
+    b.identity_users = if wanted_users.is_empty() {
+        0
+    } else {
+        (wanted_users.len() as u64).min(pages(tenant.users.len(), 100) as u64)
+    };
+    b.identity_groups = if wanted_groups == 0 {
+        0
+    } else {
+        (wanted_groups as u64).min(pages(tenant.groups.len(), 100) as u64)
+    };
+    let sets = world.permission_sets.len();
+    b.sso = (pages(sets, 100) + sets) as u64
+        + pairs
+            .iter()
+            .map(|(a, ps)| pages(fakes.sso.count_assigned(a, ps), 100) as u64)
+            .sum::<u64>()
+        + 2 * (changes.0 + changes.1) as u64;
+    b.organizations = FakeOrganizations::snapshot_calls(&world.org, false).len() as u64 + 1;
+
+    // The quota floor: the busiest quota-bound service at its rate, or the 15 creation slots
+    // each held for a mean settle time, whichever is longer, plus one settle for the last
+    // change.
+    let per_sec = |calls: u64, rate: u32| Duration::from_secs_f64(calls as f64 / f64::from(rate));
+    let slots = Duration::from_secs_f64(
+        changes.0 as f64 * MEAN_SETTLE.as_secs_f64() / MAX_OUTSTANDING_CREATIONS as f64,
+    );
+    let busiest = [
+        per_sec(b.sso, SSO_ADMIN_RATE),
+        per_sec(b.identity_users, IDENTITY_STORE_RATE),
+        per_sec(b.identity_groups, IDENTITY_STORE_RATE),
+        Duration::from_secs_f64(b.graph_units as f64 / GRAPH_UNITS_PER_SEC),
+        slots,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or_default();
+    let tail = if changes.0 + changes.1 > 0 {
+        MEAN_SETTLE
+    } else {
+        Duration::ZERO
+    };
+    b.floor = busiest + tail;
+    b
+}
+
+/// The planning core on the inputs the engine gathered: the rules resolved from the world's
+/// ground truth, Identity Center's assignments for the pairs in play, and the ledger. Best of
+/// three.
+fn time_plan(
+    world: &World,
+    tenant: &Tenant,
+    actual: &BTreeSet<Assignment>,
+    observed: &BTreeSet<(AccountId, String)>,
+    owned: &BTreeMap<Assignment, Owned>,
+) -> Duration {
+    let rules: Vec<ResolvedRule> = world
+        .rules
+        .iter()
+        .map(|r| {
+            let principals = if r.members {
+                tenant
+                    .transitive_users(&r.group)
+                    .into_iter()
+                    .map(|u| Principal {
+                        principal_type: PrincipalType::User,
+                        principal_id: entra_sso_sync::fakes::synth::store_user_id(u),
+                    })
+                    .collect()
+            } else {
+                BTreeSet::from([Principal {
+                    principal_type: PrincipalType::Group,
+                    principal_id: entra_sso_sync::fakes::synth::store_group_id(&r.group),
+                }])
+            };
+            ResolvedRule {
+                name: r.name.clone(),
+                permission_set_arn: world.permission_sets[r.permission_set].arn.clone(),
+                accounts: world.accounts_of(r),
+                source: RuleSource::Resolved(principals),
+                hold_deletions: None,
+            }
+        })
+        .collect();
+    time_plan_of(&rules, actual, observed, owned)
+}
+
+fn time_plan_of(
+    rules: &[ResolvedRule],
+    actual: &BTreeSet<Assignment>,
+    observed: &BTreeSet<(AccountId, String)>,
+    owned: &BTreeMap<Assignment, Owned>,
+) -> Duration {
+    let protection = Protection::default();
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let p = plan::plan(PlanInput {
+                rules,
+                actual,
+                observed,
+                owned,
+                mirrors: &[],
+                protection: &protection,
+                limits: Limits {
+                    max_deletions: u32::MAX,
+                    max_deletion_ratio: 1.0,
+                    allow_deletions: None,
+                },
+            });
+            let elapsed = t.elapsed();
+            std::hint::black_box(p);
+            elapsed
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+fn apply_request() -> RunRequest {
+    RunRequest {
+        mode: Mode::Apply,
+        trigger: "bench".into(),
+        allow_deletions: None,
+        target: Target::All,
+        deadline: None,
+    }
+}
+
+/// Runs one reconcile and measures it.
+fn run_case(
+    rt: &tokio::runtime::Runtime,
+    world: &World,
+    fakes: &Fakes,
+    engine: &Engine,
+    case: &'static str,
+) -> Row {
+    let config = world.config();
+    let tenant = fakes.directory.with_tenant(|t| t.clone());
+    let ledger: BTreeMap<Assignment, Owned> = fakes.state.with_data(|d| {
+        d.ledger
+            .iter()
+            .map(|(a, e)| (a.clone(), e.owned.clone()))
+            .collect()
+    });
+    let mut pairs = world.pairs();
+    pairs.extend(
+        ledger
+            .keys()
+            .map(|a| (a.account_id.clone(), a.permission_set_arn.clone())),
+    );
+    let actual: BTreeSet<Assignment> = fakes
+        .sso
+        .assignments()
+        .into_iter()
+        .filter(|a| pairs.contains(&(a.account_id.clone(), a.permission_set_arn.clone())))
+        .collect();
+    let plan_cpu = uncounted(|| time_plan(world, &tenant, &actual, &pairs, &ledger));
+    let want = world.desired(&tenant);
+    let creates = want.difference(&actual).count();
+    let deletes = ledger.keys().filter(|a| !want.contains(*a)).count();
+    let bound = bound(world, &tenant, fakes, &pairs, (creates, deletes));
+    drop((ledger, actual, tenant));
+
+    fakes.reset_counts();
+    fastrand::seed(42);
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let real0 = Instant::now();
+    let (report, simulated): (Report, Duration) = rt.block_on(async {
+        let t0 = tokio::time::Instant::now();
+        let report = engine
+            .run(&config, &apply_request())
+            .await
+            .expect("the run completes its reads");
+        (report, tokio::time::Instant::now() - t0)
+    });
+    let real = real0.elapsed();
+    let peak_heap = PEAK.load(Ordering::Relaxed) - base;
+    let (c, d, outcome) = (
+        report.creates.len(),
+        report.deletes.len(),
+        format!("{:?}", report.outcome),
+    );
+    let failures = report.failures.len();
+    drop(report);
+    let retained_heap = CURRENT.load(Ordering::Relaxed) - base;
+    if failures > 0 {
+        eprintln!("{} {case}: {failures} changes failed", world.spec.name);
+    }
+    let converged =
+        fakes.sso.assignments() == world.desired(&fakes.directory.with_tenant(|t| t.clone()));
+    let calls = fakes
+        .services()
+        .iter()
+        .map(|s| (s.name(), s.calls()))
+        .collect();
+    let throttled = fakes.services().iter().map(|s| s.throttled()).sum();
+    for (service, ops) in fakes.counts() {
+        for (op, n) in ops.iter().filter(|(_, n)| n.throttled > 0) {
+            eprintln!(
+                "{} {case}: {service} {op}: {} of {} requests throttled",
+                world.spec.name, n.throttled, n.calls
+            );
+        }
+    }
+    if (c, d) != (creates, deletes) {
+        eprintln!(
+            "{} {case}: the engine planned {c}+{d} changes, the ground truth {creates}+{deletes}",
+            world.spec.name
+        );
+    }
+    Row {
+        size: world.spec.name,
+        case,
+        creates: c,
+        deletes: d,
+        outcome,
+        converged,
+        calls,
+        throttled,
+        bound,
+        simulated,
+        plan_cpu,
+        real,
+        peak_heap,
+        retained_heap,
+    }
+}
+
+fn run_size(spec: &Spec) -> (Vec<Row>, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    let world = World::generate(spec);
+    // The fakes' clocks (lease expiry, settle times) start inside the paused runtime.
+    let fakes = rt.block_on(async { world.fakes(SsoSettings::default()) });
+    let engine = with_quotas(fakes.engine(ApplySettings::default()));
+
+    let tenant = fakes.directory.with_tenant(|t| t.clone());
+    let desired = world.desired(&tenant).len();
+    let pairs = world.pairs().len();
+    let members_groups = world
+        .rules
+        .iter()
+        .filter(|r| r.members)
+        .map(|r| &r.group)
+        .collect::<BTreeSet<_>>();
+    let biggest = members_groups
+        .iter()
+        .map(|g| tenant.transitive_users(g).len())
+        .max()
+        .unwrap_or(0);
+    drop(tenant);
+    let mut about = format!(
+        "{}: {} users, {} groups (depth {}{}), {} accounts, {} rules ({} members mode), {} permission sets → {desired} desired assignments over {pairs} (account, permission set) pairs; largest members-mode group {biggest} users",
+        spec.name,
+        spec.users,
+        spec.groups,
+        spec.depth,
+        if spec.cycle { ", one cycle" } else { "" },
+        spec.accounts,
+        spec.rules,
+        spec.members_rules,
+        spec.permission_sets,
+    );
+
+    let mut rows = vec![run_case(&rt, &world, &fakes, &engine, "cold")];
+    rows.push(run_case(&rt, &world, &fakes, &engine, "quiet"));
+    let moved = fakes
+        .directory
+        .with_tenant(|t| world.change_memberships(t, 1.0, spec.seed + 100));
+    let _ = write!(about, "; 1% case: {moved} direct memberships moved");
+    rows.push(run_case(&rt, &world, &fakes, &engine, "1% changed"));
+    (rows, about)
+}
+
+// ---------------------------------------------------------------------------------------------
+// the plan micro-benchmark
+// ---------------------------------------------------------------------------------------------
+
+/// `plan::plan` diffing 200,000 desired against 200,000 actual assignments: 10 rules of 200
+/// accounts × 100 users each; 5% of the actual set is no longer wanted (deleted) and 5% of the
+/// desired set is missing (created); the tool owns every actual assignment.
+fn plan_micro() -> (Duration, Duration, usize, usize) {
+    let ps = |k: usize| format!("arn:aws:sso:::permissionSet/ssoins-722355b8a6a0b2a8/ps-{k:016x}");
+    let account = |i: usize| AccountId::try_from(format!("{:012}", 100_000_000_000 + i)).unwrap();
+    let user = |u: usize| format!("9067c6f2b2-u{u:012x}");
+    let rules: Vec<ResolvedRule> = (0..10)
+        .map(|r| ResolvedRule {
+            name: format!("rule-{r:03}"),
+            permission_set_arn: ps(r),
+            accounts: (r * 200..(r + 1) * 200).map(account).collect(),
+            source: RuleSource::Resolved(
+                (0..100)
+                    .map(|u| Principal {
+                        principal_type: PrincipalType::User,
+                        principal_id: user(u),
+                    })
+                    .collect(),
+            ),
+            hold_deletions: None,
+        })
+        .collect();
+    let mut actual = BTreeSet::new();
+    let mut owned = BTreeMap::new();
+    for r in 0..10 {
+        for a in r * 200..(r + 1) * 200 {
+            // Users 5..105: 0-4 are missing (creations), 100-104 are unwanted (deletions).
+            for u in 5..105 {
+                let asg = Assignment {
+                    account_id: account(a),
+                    permission_set_arn: ps(r),
+                    principal_type: PrincipalType::User,
+                    principal_id: user(u),
+                };
+                owned.insert(
+                    asg.clone(),
+                    Owned {
+                        rules: BTreeSet::from([format!("rule-{r:03}")]),
+                        pending: false,
+                    },
+                );
+                actual.insert(asg);
+            }
+        }
+    }
+    let observed: BTreeSet<(AccountId, String)> = actual
+        .iter()
+        .map(|a| (a.account_id.clone(), a.permission_set_arn.clone()))
+        .collect();
+    let t = time_plan_of(&rules, &actual, &observed, &owned);
+    let desired_only = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(plan::desired(&rules));
+            t.elapsed()
+        })
+        .min()
+        .unwrap_or_default();
+    let desired = plan::desired(&rules).len();
+    (t, desired_only, desired, actual.len())
+}
+
+// ---------------------------------------------------------------------------------------------
+// output
+// ---------------------------------------------------------------------------------------------
+
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 3600.0 {
+        format!("{:.2} h", s / 3600.0)
+    } else if s >= 60.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| size | case | changes (+/−) | Graph calls (bound) | identitystore calls (bound) | sso-admin calls (bound) | organizations | DynamoDB | throttled | simulated wall | quota floor | ratio | plan CPU | run real time | peak heap (retained) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let ratio = r.simulated.as_secs_f64() / r.bound.floor.as_secs_f64().max(1e-9);
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} / {}{} | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} | {} | {} | {} | {:.2}× | {:.1} ms | {:.2} s | {:.1} MiB ({:.1}) |",
+            r.size,
+            r.case,
+            r.creates,
+            r.deletes,
+            if r.converged { "" } else { " ⚠ not converged" },
+            r.calls["graph"],
+            r.bound.graph,
+            r.calls["identitystore"],
+            r.bound.identity_users + r.bound.identity_groups,
+            r.calls["sso-admin"],
+            r.bound.sso,
+            r.calls["organizations"],
+            r.bound.organizations,
+            r.calls["dynamodb"],
+            r.throttled,
+            secs(r.simulated),
+            secs(r.bound.floor),
+            ratio,
+            r.plan_cpu.as_secs_f64() * 1e3,
+            r.real.as_secs_f64(),
+            mib(r.peak_heap),
+            mib(r.retained_heap),
+        );
+        if r.outcome != "Applied" && r.outcome != "InSync" {
+            let _ = writeln!(t, "|  | outcome {} | | | | | | | | | | | | | |", r.outcome);
+        }
+    }
+    t
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted: Vec<&str> = if args.is_empty() {
+        vec!["small", "medium", "large", "plan"]
+    } else {
+        args.iter().map(String::as_str).collect()
+    };
+    let mut rows = Vec::new();
+    let mut abouts = Vec::new();
+    for name in &wanted {
+        if *name == "plan" {
+            continue;
+        }
+        let Some(spec) = Spec::by_name(name) else {
+            eprintln!("unknown size {name:?}: expected small, medium, large or plan");
+            std::process::exit(2);
+        };
+        let started = Instant::now();
+        let (r, about) = run_size(&spec);
+        eprintln!(
+            "{} done in {:.1} s real time",
+            spec.name,
+            started.elapsed().as_secs_f64()
+        );
+        rows.extend(r);
+        abouts.push(about);
+    }
+    if !rows.is_empty() {
+        println!("{}", table(&rows));
+        for a in abouts {
+            println!("- {a}");
+        }
+    }
+    if wanted.contains(&"plan") {
+        let (t, desired_only, desired, actual) = uncounted(plan_micro);
+        println!(
+            "\nplan::plan micro-benchmark: {desired} desired against {actual} actual assignments (10,000 creations, 10,000 deletions): {:.1} ms CPU, of which {:.1} ms building the desired set (plan::desired); best of 3; target < 200 ms",
+            t.as_secs_f64() * 1e3,
+            desired_only.as_secs_f64() * 1e3
+        );
+    }
+}

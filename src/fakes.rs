@@ -1,0 +1,1675 @@
+//! In-process fakes of every outside system, for tests and the benchmark (cargo feature
+//! `fakes`; always compiled for this crate's own unit tests). Each fake implements the same
+//! trait as the production adapter, keeps its data in memory, and behaves like the service
+//! under load:
+//!
+//! - every request waits a per-call latency of **virtual** time (`tokio::time`), so tests and
+//!   the benchmark run under `start_paused` and give the same figures on every machine;
+//! - a server-side [`TokenBucket`] enforces the service's quota; a request beyond it is refused
+//!   with the service's throttling error and **counted** ([`OpCount::throttled`]);
+//! - the client's own retry below the trait is modelled: the AWS SDK's standard mode retries a
+//!   throttled request (3 attempts, jittered exponential backoff from 1 s, capped at 20 s), and
+//!   `GraphClient` honours `Retry-After` on 429 (6 attempts). [`ServiceSettings::client_attempts`]
+//!   set to 1 hands every throttle to the caller instead;
+//! - calls are counted per operation and per page, as the production adapter would send them,
+//!   and each request after the first of a trait call waits for [`crate::rate::pace_page`]
+//!   (a no-op unless the call runs under a [`crate::rate::RateLimited`]), as `SdkAssignments`
+//!   does (`SdkIdentityStore`'s page loops do not yet: the decorator charges its pages after
+//!   the fact instead);
+//!
+//! [`FakeAssignments`] also keeps Identity Center's asynchronous requests: a creation or
+//! deletion settles after a random 1–3 s of virtual time, and at most 15 creations may be
+//! outstanding (more are refused with `ThrottlingException`).
+//!
+//! [`Fakes`] bundles one of each and builds an [`Engine`] over them. Every fake of a trait lives
+//! in this file, once: when a trait grows, its fake grows here.
+
+use crate::aws::AwsError;
+use crate::directory::{DirGroup, DirUser, Directory, DirectoryError};
+use crate::engine::{ApplySettings, Engine};
+use crate::identity::{IdentityStore, Kind, StoreEntry};
+use crate::model::{AccountId, Assignment, Guid, Principal};
+use crate::organizations::OrganizationApi;
+use crate::rate::TokenBucket;
+use crate::scope::Organization;
+use crate::sso::{AssignmentApi, Operation, PermissionSet, RequestStatus};
+use crate::state::{Lease, LedgerEntry, MirrorRecord, RunRecord, SourceRecord, StateStore};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+pub mod synth;
+
+/// A server-side quota: `rate` requests (or units) per second, `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    /// Sustained rate per second.
+    pub rate: u32,
+    /// Bucket size.
+    pub burst: u32,
+}
+
+/// How the client under the trait retries a throttled request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientRetry {
+    /// The AWS SDK's standard retry mode: a random delay up to `min(1 s × 2^n, 20 s)`.
+    AwsSdk,
+    /// `GraphClient`: waits the `Retry-After` the server sent (whole seconds).
+    RetryAfter,
+}
+
+/// Behaviour shared by every fake service.
+#[derive(Clone, Debug)]
+pub struct ServiceSettings {
+    /// Time each request takes, refused ones included.
+    pub latency: Duration,
+    /// The quota, if the service enforces one.
+    pub quota: Option<Quota>,
+    /// One bucket per operation (the identity store's "per API") instead of one shared.
+    pub per_operation: bool,
+    /// Requests the client makes before handing a throttle to the caller (1: no retry).
+    pub client_attempts: u32,
+    /// How the client waits between those attempts.
+    pub client_retry: ClientRetry,
+    /// Seed of the fake's random numbers (settle times, client jitter).
+    pub seed: u64,
+}
+
+impl ServiceSettings {
+    /// An AWS service with `quota` shared by all its operations, 40 ms per call, and the SDK's
+    /// standard retry (3 attempts).
+    pub fn aws(quota: Option<Quota>) -> ServiceSettings {
+        ServiceSettings {
+            latency: Duration::from_millis(40),
+            quota,
+            per_operation: false,
+            client_attempts: 3,
+            client_retry: ClientRetry::AwsSdk,
+            seed: 7,
+        }
+    }
+}
+
+/// Requests of one operation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpCount {
+    /// Requests sent (each page once; a throttled request that was retried counts once).
+    pub calls: u64,
+    /// Attempts refused as throttled (quota or outstanding-request cap).
+    pub throttled: u64,
+}
+
+/// Why a fake refused a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Slow down (retryable), with the server's hint of when capacity returns.
+    Throttle {
+        message: String,
+        retry_after: Duration,
+    },
+    /// Any other error.
+    Error { code: String, message: String },
+}
+
+/// The machinery every fake shares: quota, latency, client retry, counters, fault injection.
+pub struct Service {
+    name: &'static str,
+    throttle_code: &'static str,
+    settings: ServiceSettings,
+    shared: Option<TokenBucket>,
+    per_op: Mutex<BTreeMap<&'static str, Arc<TokenBucket>>>,
+    counts: Mutex<BTreeMap<&'static str, OpCount>>,
+    faults: Mutex<BTreeMap<&'static str, VecDeque<String>>>,
+    rng: Mutex<fastrand::Rng>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Service {
+    fn new(name: &'static str, throttle_code: &'static str, settings: ServiceSettings) -> Service {
+        let shared = settings
+            .quota
+            .filter(|_| !settings.per_operation)
+            .map(|q| TokenBucket::new(q.rate, q.burst));
+        Service {
+            name,
+            throttle_code,
+            rng: Mutex::new(fastrand::Rng::with_seed(settings.seed)),
+            settings,
+            shared,
+            per_op: Mutex::new(BTreeMap::new()),
+            counts: Mutex::new(BTreeMap::new()),
+            faults: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The service's name (`sso-admin`, `identitystore`, `graph`, …).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Requests and throttles per operation since the last reset.
+    pub fn counts(&self) -> BTreeMap<&'static str, OpCount> {
+        lock(&self.counts).clone()
+    }
+
+    /// Requests sent, all operations together.
+    pub fn calls(&self) -> u64 {
+        lock(&self.counts).values().map(|c| c.calls).sum()
+    }
+
+    /// Attempts refused as throttled, all operations together.
+    pub fn throttled(&self) -> u64 {
+        lock(&self.counts).values().map(|c| c.throttled).sum()
+    }
+
+    /// Zeroes the counters (the quota's state is kept).
+    pub fn reset_counts(&self) {
+        lock(&self.counts).clear();
+    }
+
+    /// The next `times` requests of `op` fail with the AWS error `code` (or, for Graph, the
+    /// HTTP status `code`), before any quota check and without the client's retry.
+    pub fn fail_next(&self, op: &'static str, code: &str, times: usize) {
+        lock(&self.faults)
+            .entry(op)
+            .or_default()
+            .extend(std::iter::repeat_n(code.to_string(), times));
+    }
+
+    fn admit(&self, op: &'static str, cost: u32) -> Result<(), Duration> {
+        if let Some(b) = &self.shared {
+            return b.try_acquire_n(cost);
+        }
+        let Some(q) = self.settings.quota else {
+            return Ok(());
+        };
+        let bucket = lock(&self.per_op)
+            .entry(op)
+            .or_insert_with(|| Arc::new(TokenBucket::new(q.rate, q.burst)))
+            .clone();
+        bucket.try_acquire_n(cost)
+    }
+
+    fn client_delay(&self, attempt: u32, retry_after: Duration) -> Duration {
+        match self.settings.client_retry {
+            ClientRetry::AwsSdk => {
+                let ceiling = Duration::from_secs(1)
+                    .saturating_mul(1 << attempt.min(5))
+                    .min(Duration::from_secs(20));
+                ceiling.mul_f64(lock(&self.rng).f64())
+            }
+            ClientRetry::RetryAfter => Duration::from_secs(retry_after.as_secs_f64().ceil() as u64),
+        }
+    }
+
+    /// One request of `op` costing `cost` quota units: an injected fault, or the quota check,
+    /// or `effect` (run when the request arrives), then the latency. Throttles are retried as
+    /// the client would, up to `client_attempts`.
+    async fn request<R>(
+        &self,
+        op: &'static str,
+        cost: u32,
+        mut effect: impl FnMut() -> Result<R, Refusal>,
+    ) -> Result<R, Refusal> {
+        lock(&self.counts).entry(op).or_default().calls += 1;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let fault = lock(&self.faults).get_mut(op).and_then(VecDeque::pop_front);
+            let outcome = if let Some(code) = fault {
+                Err(Refusal::Error {
+                    message: format!("injected fault {code}"),
+                    code,
+                })
+            } else {
+                match self.admit(op, cost) {
+                    Ok(()) => effect(),
+                    Err(wait) => Err(Refusal::Throttle {
+                        message: "Rate exceeded".into(),
+                        retry_after: wait,
+                    }),
+                }
+            };
+            tokio::time::sleep(self.settings.latency).await;
+            match outcome {
+                Err(Refusal::Throttle {
+                    message,
+                    retry_after,
+                }) => {
+                    lock(&self.counts).entry(op).or_default().throttled += 1;
+                    if attempt >= self.settings.client_attempts.max(1) {
+                        return Err(Refusal::Throttle {
+                            message,
+                            retry_after,
+                        });
+                    }
+                    tokio::time::sleep(self.client_delay(attempt - 1, retry_after)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A request of an AWS operation.
+    async fn aws<R>(
+        &self,
+        op: &'static str,
+        effect: impl FnMut() -> Result<R, Refusal>,
+    ) -> Result<R, AwsError> {
+        self.request(op, 1, effect).await.map_err(|r| match r {
+            Refusal::Throttle { message, .. } => AwsError::Call {
+                service: self.name,
+                operation: op,
+                code: Some(self.throttle_code.to_string()),
+                message,
+            },
+            Refusal::Error { code, message } => AwsError::Call {
+                service: self.name,
+                operation: op,
+                code: Some(code),
+                message,
+            },
+        })
+    }
+
+    /// `pages` requests of a listing operation (the first carries `effect`).
+    async fn aws_pages<R>(
+        &self,
+        op: &'static str,
+        pages: usize,
+        effect: impl FnMut() -> Result<R, Refusal>,
+    ) -> Result<R, AwsError> {
+        let out = self.aws(op, effect).await?;
+        for _ in 1..pages {
+            crate::rate::pace_page().await;
+            self.aws(op, || Ok(())).await?;
+        }
+        Ok(out)
+    }
+
+    fn rand_between(&self, lo: Duration, hi: Duration) -> Duration {
+        let (lo_ms, hi_ms) = (lo.as_millis() as u64, hi.as_millis() as u64);
+        Duration::from_millis(lock(&self.rng).u64(lo_ms..=hi_ms.max(lo_ms)))
+    }
+}
+
+fn error(code: &str, message: impl Into<String>) -> Refusal {
+    Refusal::Error {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// Pages needed to list `n` entries `per_page` at a time (at least one).
+pub fn pages(n: usize, per_page: usize) -> usize {
+    n.div_ceil(per_page).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// sso-admin
+// ---------------------------------------------------------------------------------------------
+
+/// Settings of [`FakeAssignments`].
+#[derive(Clone, Debug)]
+pub struct SsoSettings {
+    /// Quota, latency and client retry.
+    pub service: ServiceSettings,
+    /// Shortest time before an assignment request settles.
+    pub settle_min: Duration,
+    /// Longest time before an assignment request settles.
+    pub settle_max: Duration,
+    /// Creations that may be outstanding at once.
+    pub max_outstanding_creations: usize,
+}
+
+impl Default for SsoSettings {
+    /// Identity Center's documented limits: 20 requests per second per instance, 15
+    /// outstanding creations; 40 ms per call and 1–3 s before a request settles.
+    fn default() -> Self {
+        SsoSettings {
+            service: ServiceSettings::aws(Some(Quota {
+                rate: crate::rate::SSO_ADMIN_RATE,
+                burst: crate::rate::SSO_ADMIN_BURST,
+            })),
+            settle_min: Duration::from_secs(1),
+            settle_max: Duration::from_secs(3),
+            max_outstanding_creations: crate::rate::MAX_OUTSTANDING_CREATIONS,
+        }
+    }
+}
+
+struct SsoRequest {
+    op: Operation,
+    assignment: Assignment,
+    settled: bool,
+}
+
+#[derive(Default)]
+struct SsoData {
+    permission_sets: Vec<PermissionSet>,
+    assigned: BTreeMap<(AccountId, String), BTreeSet<Principal>>,
+    requests: Vec<SsoRequest>,
+    pending: BTreeSet<(Instant, usize)>,
+    outstanding_creations: usize,
+    peak_outstanding_creations: usize,
+}
+
+impl SsoData {
+    /// Applies every request whose settle time has come.
+    fn settle(&mut self, now: Instant) {
+        while let Some(&(at, idx)) = self.pending.first() {
+            if at > now {
+                break;
+            }
+            self.pending.pop_first();
+            let r = &mut self.requests[idx];
+            r.settled = true;
+            let a = &r.assignment;
+            let key = (a.account_id.clone(), a.permission_set_arn.clone());
+            match r.op {
+                Operation::Create => {
+                    self.outstanding_creations -= 1;
+                    self.assigned.entry(key).or_default().insert(a.principal());
+                }
+                Operation::Delete => {
+                    if let Some(set) = self.assigned.get_mut(&key) {
+                        set.remove(&a.principal());
+                        if set.is_empty() {
+                            self.assigned.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Identity Center's admin API in memory, with its quotas and asynchronous requests.
+pub struct FakeAssignments {
+    svc: Service,
+    settings: SsoSettings,
+    data: Mutex<SsoData>,
+}
+
+impl FakeAssignments {
+    /// An instance with these permission sets and no assignments.
+    pub fn new(settings: SsoSettings, permission_sets: Vec<PermissionSet>) -> FakeAssignments {
+        FakeAssignments {
+            svc: Service::new("sso-admin", "ThrottlingException", settings.service.clone()),
+            settings,
+            data: Mutex::new(SsoData {
+                permission_sets,
+                ..SsoData::default()
+            }),
+        }
+    }
+
+    /// Counters and fault injection.
+    pub fn service(&self) -> &Service {
+        &self.svc
+    }
+
+    fn data(&self) -> MutexGuard<'_, SsoData> {
+        let mut d = lock(&self.data);
+        d.settle(Instant::now());
+        d
+    }
+
+    /// Every assignment that exists now (settled requests only).
+    pub fn assignments(&self) -> BTreeSet<Assignment> {
+        let d = self.data();
+        d.assigned
+            .iter()
+            .flat_map(|((account, ps), principals)| {
+                principals.iter().map(move |p| Assignment {
+                    account_id: account.clone(),
+                    permission_set_arn: ps.clone(),
+                    principal_type: p.principal_type,
+                    principal_id: p.principal_id.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// How many principals hold `permission_set_arn` in `account` now.
+    pub fn count_assigned(&self, account: &AccountId, permission_set_arn: &str) -> usize {
+        self.data()
+            .assigned
+            .get(&(account.clone(), permission_set_arn.to_string()))
+            .map_or(0, BTreeSet::len)
+    }
+
+    /// Makes an assignment exist at once (made by hand, or before the tool ran).
+    pub fn insert(&self, a: &Assignment) {
+        self.data()
+            .assigned
+            .entry((a.account_id.clone(), a.permission_set_arn.clone()))
+            .or_default()
+            .insert(a.principal());
+    }
+
+    /// The most creations that were outstanding at once.
+    pub fn peak_outstanding_creations(&self) -> usize {
+        lock(&self.data).peak_outstanding_creations
+    }
+}
+
+#[async_trait]
+impl AssignmentApi for FakeAssignments {
+    async fn permission_sets(&self) -> Result<Vec<PermissionSet>, AwsError> {
+        let sets = lock(&self.data).permission_sets.clone();
+        self.svc
+            .aws_pages("ListPermissionSets", pages(sets.len(), 100), || Ok(()))
+            .await?;
+        for _ in &sets {
+            crate::rate::pace_page().await;
+            self.svc.aws("DescribePermissionSet", || Ok(())).await?;
+        }
+        let mut sets = sets;
+        sets.sort();
+        Ok(sets)
+    }
+
+    async fn assigned(
+        &self,
+        account: &AccountId,
+        permission_set_arn: &str,
+    ) -> Result<Vec<Principal>, AwsError> {
+        let key = (account.clone(), permission_set_arn.to_string());
+        let out: Vec<Principal> = self
+            .svc
+            .aws("ListAccountAssignments", || {
+                Ok(self
+                    .data()
+                    .assigned
+                    .get(&key)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default())
+            })
+            .await?;
+        for _ in 1..pages(out.len(), 100) {
+            crate::rate::pace_page().await;
+            self.svc.aws("ListAccountAssignments", || Ok(())).await?;
+        }
+        Ok(out)
+    }
+
+    async fn start(
+        &self,
+        op: Operation,
+        a: &Assignment,
+    ) -> Result<(String, RequestStatus), AwsError> {
+        let name = match op {
+            Operation::Create => "CreateAccountAssignment",
+            Operation::Delete => "DeleteAccountAssignment",
+        };
+        let settle = self
+            .svc
+            .rand_between(self.settings.settle_min, self.settings.settle_max);
+        let id = self
+            .svc
+            .aws(name, || {
+                let now = Instant::now();
+                let mut d = self.data();
+                if op == Operation::Create {
+                    if d.outstanding_creations >= self.settings.max_outstanding_creations {
+                        return Err(Refusal::Throttle {
+                            message: format!(
+                                "more than {} CreateAccountAssignment requests outstanding",
+                                self.settings.max_outstanding_creations
+                            ),
+                            retry_after: Duration::from_secs(1),
+                        });
+                    }
+                    d.outstanding_creations += 1;
+                    d.peak_outstanding_creations =
+                        d.peak_outstanding_creations.max(d.outstanding_creations);
+                }
+                let idx = d.requests.len();
+                d.requests.push(SsoRequest {
+                    op,
+                    assignment: a.clone(),
+                    settled: false,
+                });
+                d.pending.insert((now + settle, idx));
+                Ok(idx)
+            })
+            .await?;
+        Ok((format!("req-{id}"), RequestStatus::InProgress))
+    }
+
+    async fn status(&self, op: Operation, request_id: &str) -> Result<RequestStatus, AwsError> {
+        let name = match op {
+            Operation::Create => "DescribeAccountAssignmentCreationStatus",
+            Operation::Delete => "DescribeAccountAssignmentDeletionStatus",
+        };
+        self.svc
+            .aws(name, || {
+                let d = self.data();
+                let r = request_id
+                    .strip_prefix("req-")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .and_then(|i| d.requests.get(i))
+                    .filter(|r| r.op == op)
+                    .ok_or_else(|| {
+                        error(
+                            "ResourceNotFoundException",
+                            format!("no request {request_id}"),
+                        )
+                    })?;
+                Ok(if r.settled {
+                    RequestStatus::Succeeded
+                } else {
+                    RequestStatus::InProgress
+                })
+            })
+            .await
+    }
+
+    fn calls(&self) -> u64 {
+        self.svc.calls()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// identity store
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct StoreData {
+    users: BTreeMap<String, StoreEntry>,
+    groups: BTreeMap<String, StoreEntry>,
+    user_names: BTreeMap<String, String>,
+    group_names: BTreeMap<String, String>,
+    /// membership id → (group id, user id)
+    memberships: BTreeMap<String, (String, String)>,
+    next_id: u64,
+}
+
+/// The identity store in memory: users, groups and memberships, with a quota per API.
+pub struct FakeIdentityStore {
+    svc: Service,
+    data: Mutex<StoreData>,
+}
+
+impl FakeIdentityStore {
+    /// An empty store. The identity store's quota is 20 requests per second **per API**: use
+    /// `per_operation: true` for that.
+    pub fn new(settings: ServiceSettings) -> FakeIdentityStore {
+        FakeIdentityStore {
+            svc: Service::new("identitystore", "ThrottlingException", settings),
+            data: Mutex::new(StoreData::default()),
+        }
+    }
+
+    /// The production quota: 20 requests per second per API, 40 ms per call, SDK retry.
+    pub fn production_settings() -> ServiceSettings {
+        ServiceSettings {
+            per_operation: true,
+            ..ServiceSettings::aws(Some(Quota {
+                rate: crate::rate::IDENTITY_STORE_RATE,
+                burst: crate::rate::IDENTITY_STORE_BURST,
+            }))
+        }
+    }
+
+    /// Counters and fault injection.
+    pub fn service(&self) -> &Service {
+        &self.svc
+    }
+
+    /// Adds a user (as SCIM provisioning would): identity-store id, `userName`, external id.
+    pub fn add_user(&self, id: &str, user_name: &str, external_id: Option<&str>) {
+        let mut d = lock(&self.data);
+        d.user_names
+            .insert(user_name.to_lowercase(), id.to_string());
+        d.users.insert(
+            id.to_string(),
+            StoreEntry {
+                id: id.to_string(),
+                name: user_name.to_string(),
+                external_ids: external_id.into_iter().map(str::to_string).collect(),
+            },
+        );
+    }
+
+    /// Adds a group: identity-store id, `displayName`, external id.
+    pub fn add_group(&self, id: &str, display_name: &str, external_id: Option<&str>) {
+        let mut d = lock(&self.data);
+        d.group_names
+            .insert(display_name.to_string(), id.to_string());
+        d.groups.insert(
+            id.to_string(),
+            StoreEntry {
+                id: id.to_string(),
+                name: display_name.to_string(),
+                external_ids: external_id.into_iter().map(str::to_string).collect(),
+            },
+        );
+    }
+
+    /// Every group: id → display name.
+    pub fn groups(&self) -> BTreeMap<String, String> {
+        lock(&self.data)
+            .groups
+            .values()
+            .map(|g| (g.id.clone(), g.name.clone()))
+            .collect()
+    }
+
+    /// The user ids in a group.
+    pub fn members_of(&self, group_id: &str) -> BTreeSet<String> {
+        lock(&self.data)
+            .memberships
+            .values()
+            .filter(|(g, _)| g == group_id)
+            .map(|(_, u)| u.clone())
+            .collect()
+    }
+
+    /// Users in the store.
+    pub fn user_count(&self) -> usize {
+        lock(&self.data).users.len()
+    }
+}
+
+#[async_trait]
+impl IdentityStore for FakeIdentityStore {
+    async fn find(&self, kind: Kind, name: &str) -> Result<Option<String>, AwsError> {
+        let op = match kind {
+            Kind::User => "GetUserId",
+            Kind::Group => "GetGroupId",
+        };
+        self.svc
+            .aws(op, || {
+                let d = lock(&self.data);
+                Ok(match kind {
+                    Kind::User => d.user_names.get(&name.to_lowercase()).cloned(),
+                    Kind::Group => d.group_names.get(name).cloned(),
+                })
+            })
+            .await
+    }
+
+    async fn list(&self, kind: Kind) -> Result<Vec<StoreEntry>, AwsError> {
+        let (op, entries) = {
+            let d = lock(&self.data);
+            match kind {
+                Kind::User => ("ListUsers", d.users.values().cloned().collect::<Vec<_>>()),
+                Kind::Group => ("ListGroups", d.groups.values().cloned().collect()),
+            }
+        };
+        self.svc
+            .aws_pages(op, pages(entries.len(), 100), || Ok(()))
+            .await?;
+        Ok(entries)
+    }
+
+    async fn create_group(
+        &self,
+        display_name: &str,
+        _description: &str,
+    ) -> Result<String, AwsError> {
+        self.svc
+            .aws("CreateGroup", || {
+                let mut d = lock(&self.data);
+                if d.group_names.contains_key(display_name) {
+                    return Err(error(
+                        "ConflictException",
+                        format!("a group named {display_name:?} exists"),
+                    ));
+                }
+                d.next_id += 1;
+                let id = format!("g-fake-{:08}", d.next_id);
+                d.group_names.insert(display_name.to_string(), id.clone());
+                d.groups.insert(
+                    id.clone(),
+                    StoreEntry {
+                        id: id.clone(),
+                        name: display_name.to_string(),
+                        external_ids: vec![],
+                    },
+                );
+                Ok(id)
+            })
+            .await
+    }
+
+    async fn rename_group(&self, group_id: &str, display_name: &str) -> Result<(), AwsError> {
+        self.svc
+            .aws("UpdateGroup", || {
+                let mut d = lock(&self.data);
+                if d.group_names
+                    .get(display_name)
+                    .is_some_and(|id| id != group_id)
+                {
+                    return Err(error(
+                        "ConflictException",
+                        format!("a group named {display_name:?} exists"),
+                    ));
+                }
+                let old = d
+                    .groups
+                    .get_mut(group_id)
+                    .map(|g| std::mem::replace(&mut g.name, display_name.to_string()))
+                    .ok_or_else(|| {
+                        error("ResourceNotFoundException", format!("no group {group_id}"))
+                    })?;
+                d.group_names.remove(&old);
+                d.group_names
+                    .insert(display_name.to_string(), group_id.to_string());
+                Ok(())
+            })
+            .await
+    }
+
+    async fn delete_group(&self, group_id: &str) -> Result<(), AwsError> {
+        self.svc
+            .aws("DeleteGroup", || {
+                let mut d = lock(&self.data);
+                if let Some(g) = d.groups.remove(group_id) {
+                    d.group_names.remove(&g.name);
+                }
+                // Unlike moto, AWS removes the group's memberships with it.
+                d.memberships.retain(|_, (g, _)| g != group_id);
+                Ok(())
+            })
+            .await
+    }
+
+    async fn group_name(&self, group_id: &str) -> Result<Option<String>, AwsError> {
+        self.svc
+            .aws("DescribeGroup", || {
+                Ok(lock(&self.data)
+                    .groups
+                    .get(group_id)
+                    .map(|g| g.name.clone()))
+            })
+            .await
+    }
+
+    async fn user_name(&self, user_id: &str) -> Result<Option<String>, AwsError> {
+        self.svc
+            .aws("DescribeUser", || {
+                Ok(lock(&self.data).users.get(user_id).map(|u| u.name.clone()))
+            })
+            .await
+    }
+
+    async fn memberships(&self, group_id: &str) -> Result<BTreeMap<String, String>, AwsError> {
+        let out: BTreeMap<String, String> = lock(&self.data)
+            .memberships
+            .iter()
+            .filter(|(_, (g, _))| g == group_id)
+            .map(|(m, (_, u))| (m.clone(), u.clone()))
+            .collect();
+        self.svc
+            .aws_pages("ListGroupMemberships", pages(out.len(), 100), || Ok(()))
+            .await?;
+        Ok(out)
+    }
+
+    async fn add_membership(&self, group_id: &str, user_id: &str) -> Result<String, AwsError> {
+        self.svc
+            .aws("CreateGroupMembership", || {
+                let mut d = lock(&self.data);
+                if !d.groups.contains_key(group_id) || !d.users.contains_key(user_id) {
+                    return Err(error(
+                        "ResourceNotFoundException",
+                        format!("no group {group_id} or user {user_id}"),
+                    ));
+                }
+                if d.memberships
+                    .values()
+                    .any(|(g, u)| g == group_id && u == user_id)
+                {
+                    return Err(error(
+                        "ConflictException",
+                        format!("{user_id} is already a member of {group_id}"),
+                    ));
+                }
+                d.next_id += 1;
+                let id = format!("m-fake-{:08}", d.next_id);
+                d.memberships
+                    .insert(id.clone(), (group_id.to_string(), user_id.to_string()));
+                Ok(id)
+            })
+            .await
+    }
+
+    async fn remove_membership(&self, membership_id: &str) -> Result<(), AwsError> {
+        self.svc
+            .aws("DeleteGroupMembership", || {
+                lock(&self.data)
+                    .memberships
+                    .remove(membership_id)
+                    .map(|_| ())
+                    .ok_or_else(|| {
+                        error(
+                            "ResourceNotFoundException",
+                            format!("no membership {membership_id}"),
+                        )
+                    })
+            })
+            .await
+    }
+
+    fn calls(&self) -> u64 {
+        self.svc.calls()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entra (Microsoft Graph)
+// ---------------------------------------------------------------------------------------------
+
+/// An Entra group of the synthetic tenant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantGroup {
+    /// Display name (not unique in Entra).
+    pub display_name: String,
+    /// Direct members: user or group object ids.
+    pub members: BTreeSet<String>,
+}
+
+/// A synthetic Entra tenant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tenant {
+    /// Users by object id.
+    pub users: BTreeMap<String, DirUser>,
+    /// Groups by object id.
+    pub groups: BTreeMap<String, TenantGroup>,
+}
+
+impl Tenant {
+    /// The users under a group at any depth, each once; nesting cycles are harmless.
+    pub fn transitive_users(&self, group_id: &str) -> BTreeSet<&str> {
+        self.closure(group_id).1
+    }
+
+    /// The groups under a group at any depth, each once (itself only through a cycle).
+    pub fn transitive_groups(&self, group_id: &str) -> BTreeSet<&str> {
+        self.closure(group_id).0
+    }
+
+    fn closure(&self, group_id: &str) -> (BTreeSet<&str>, BTreeSet<&str>) {
+        let mut groups = BTreeSet::new();
+        let mut users = BTreeSet::new();
+        let mut queue = vec![group_id];
+        let mut seen = BTreeSet::from([group_id]);
+        while let Some(g) = queue.pop() {
+            let Some(group) = self.groups.get(g) else {
+                continue;
+            };
+            for m in &group.members {
+                if self.users.contains_key(m.as_str()) {
+                    users.insert(m.as_str());
+                } else if self.groups.contains_key(m.as_str()) {
+                    groups.insert(m.as_str());
+                    if seen.insert(m.as_str()) {
+                        queue.push(m.as_str());
+                    }
+                }
+            }
+        }
+        (groups, users)
+    }
+}
+
+/// Graph's request costs in resource units (FACTS.md: a members read about 3, transitive
+/// members 5, `$select` saves 1; a single-object read assumed 1, a filtered list 2).
+pub mod graph_cost {
+    /// `GET /groups/{id}/transitiveMembers/microsoft.graph.user?$select=…`, per page.
+    pub const TRANSITIVE_PAGE: u32 = 4;
+    /// `GET /groups/{id}`.
+    pub const GROUP: u32 = 1;
+    /// `GET /groups?$filter=displayName eq '…'`.
+    pub const GROUPS_BY_NAME: u32 = 2;
+    /// Page size of member listings (`$top=999`).
+    pub const MEMBER_PAGE: usize = 999;
+}
+
+/// Microsoft Graph in memory over a [`Tenant`].
+pub struct FakeDirectory {
+    svc: Service,
+    tenant: Mutex<Tenant>,
+}
+
+impl FakeDirectory {
+    /// Graph over `tenant`.
+    pub fn new(settings: ServiceSettings, tenant: Tenant) -> FakeDirectory {
+        FakeDirectory {
+            svc: Service::new("graph", "429", settings),
+            tenant: Mutex::new(tenant),
+        }
+    }
+
+    /// Graph's smallest tenant budget, 3,500 resource units per 10 s (350/s, burst 3,500),
+    /// 40 ms per call, and `GraphClient`'s retry (6 attempts honouring `Retry-After`).
+    pub fn production_settings() -> ServiceSettings {
+        ServiceSettings {
+            latency: Duration::from_millis(40),
+            quota: Some(Quota {
+                rate: 350,
+                burst: 3_500,
+            }),
+            per_operation: false,
+            client_attempts: 6,
+            client_retry: ClientRetry::RetryAfter,
+            seed: 11,
+        }
+    }
+
+    /// Counters and fault injection (fault codes are HTTP statuses).
+    pub fn service(&self) -> &Service {
+        &self.svc
+    }
+
+    /// Reads or changes the tenant.
+    pub fn with_tenant<R>(&self, f: impl FnOnce(&mut Tenant) -> R) -> R {
+        f(&mut lock(&self.tenant))
+    }
+
+    async fn graph<R>(
+        &self,
+        what: &str,
+        op: &'static str,
+        cost: u32,
+        effect: impl FnMut() -> Result<R, Refusal>,
+    ) -> Result<R, DirectoryError> {
+        self.svc
+            .request(op, cost, effect)
+            .await
+            .map_err(|r| match r {
+                Refusal::Throttle { message, .. } => DirectoryError::Http {
+                    what: what.to_string(),
+                    status: 429,
+                    code: Some("TooManyRequests".into()),
+                    message,
+                },
+                Refusal::Error { code, message } => DirectoryError::Http {
+                    what: what.to_string(),
+                    status: code.parse().unwrap_or(500),
+                    code: Some(code),
+                    message,
+                },
+            })
+    }
+
+    async fn member_pages(
+        &self,
+        what: &str,
+        op: &'static str,
+        n: usize,
+    ) -> Result<(), DirectoryError> {
+        for _ in 1..pages(n, graph_cost::MEMBER_PAGE) {
+            self.graph(what, op, graph_cost::TRANSITIVE_PAGE, || Ok(()))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn dir_group(id: &str, g: &TenantGroup) -> DirGroup {
+    DirGroup {
+        id: id.to_string(),
+        display_name: g.display_name.clone(),
+    }
+}
+
+#[async_trait]
+impl Directory for FakeDirectory {
+    async fn groups_by_name(&self, name: &str) -> Result<Vec<DirGroup>, DirectoryError> {
+        self.graph(
+            "GET /groups?$filter=displayName",
+            "ListGroups",
+            graph_cost::GROUPS_BY_NAME,
+            || {
+                Ok(lock(&self.tenant)
+                    .groups
+                    .iter()
+                    .filter(|(_, g)| g.display_name == name)
+                    .map(|(id, g)| dir_group(id, g))
+                    .collect())
+            },
+        )
+        .await
+    }
+
+    async fn group(&self, id: &Guid) -> Result<Option<DirGroup>, DirectoryError> {
+        self.graph("GET /groups/{id}", "GetGroup", graph_cost::GROUP, || {
+            Ok(lock(&self.tenant)
+                .groups
+                .get(id.as_str())
+                .map(|g| dir_group(id.as_str(), g)))
+        })
+        .await
+    }
+
+    async fn transitive_users(&self, group_id: &str) -> Result<Vec<DirUser>, DirectoryError> {
+        let what = format!("GET /groups/{group_id}/transitiveMembers");
+        let users: Vec<DirUser> = self
+            .graph(
+                &what,
+                "TransitiveMembersUsers",
+                graph_cost::TRANSITIVE_PAGE,
+                || {
+                    let t = lock(&self.tenant);
+                    if !t.groups.contains_key(group_id) {
+                        return Err(error("404", format!("group {group_id} does not exist")));
+                    }
+                    Ok(t.transitive_users(group_id)
+                        .into_iter()
+                        .map(|u| t.users[u].clone())
+                        .collect())
+                },
+            )
+            .await?;
+        self.member_pages(&what, "TransitiveMembersUsers", users.len())
+            .await?;
+        Ok(users)
+    }
+
+    async fn direct_members(
+        &self,
+        group_id: &str,
+    ) -> Result<(Vec<DirUser>, Vec<DirGroup>), DirectoryError> {
+        let what = format!("GET /groups/{group_id}/members");
+        self.graph(&what, "Members", graph_cost::GROUP, || {
+            let t = lock(&self.tenant);
+            let group = t
+                .groups
+                .get(group_id)
+                .ok_or_else(|| error("404", format!("group {group_id} does not exist")))?;
+            let users = group
+                .members
+                .iter()
+                .filter_map(|m| t.users.get(m).cloned())
+                .collect();
+            let groups = group
+                .members
+                .iter()
+                .filter_map(|m| t.groups.get(m).map(|g| dir_group(m, g)))
+                .collect();
+            Ok((users, groups))
+        })
+        .await
+    }
+
+    async fn transitive_groups(&self, group_id: &str) -> Result<Vec<DirGroup>, DirectoryError> {
+        let what = format!("GET /groups/{group_id}/transitiveMembers/microsoft.graph.group");
+        let groups: Vec<DirGroup> = self
+            .graph(
+                &what,
+                "TransitiveMembersGroups",
+                graph_cost::TRANSITIVE_PAGE,
+                || {
+                    let t = lock(&self.tenant);
+                    Ok(t.transitive_groups(group_id)
+                        .into_iter()
+                        .map(|g| dir_group(g, &t.groups[g]))
+                        .collect())
+                },
+            )
+            .await?;
+        self.member_pages(&what, "TransitiveMembersGroups", groups.len())
+            .await?;
+        Ok(groups)
+    }
+
+    fn calls(&self) -> u64 {
+        self.svc.calls()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AWS Organizations
+// ---------------------------------------------------------------------------------------------
+
+/// AWS Organizations in memory over an [`Organization`] snapshot, counting the calls the
+/// production adapter would make to read it (20 results per page).
+pub struct FakeOrganizations {
+    svc: Service,
+    org: Mutex<Organization>,
+    caller: Option<AccountId>,
+}
+
+/// Results per page of the Organizations listings.
+pub const ORG_PAGE: usize = 20;
+
+impl FakeOrganizations {
+    /// The organization, read from `caller` (the management account when equal to it).
+    pub fn new(
+        settings: ServiceSettings,
+        org: Organization,
+        caller: Option<AccountId>,
+    ) -> FakeOrganizations {
+        FakeOrganizations {
+            svc: Service::new("organizations", "TooManyRequestsException", settings),
+            org: Mutex::new(org),
+            caller,
+        }
+    }
+
+    /// Counters and fault injection.
+    pub fn service(&self) -> &Service {
+        &self.svc
+    }
+
+    /// Reads or changes the organization.
+    pub fn with_org<R>(&self, f: impl FnOnce(&mut Organization) -> R) -> R {
+        f(&mut lock(&self.org))
+    }
+
+    /// The requests a full read costs: DescribeOrganization, ListRoots, then for each OU and
+    /// the root its child-OU pages and account pages, and with tags one call per account.
+    pub fn snapshot_calls(org: &Organization, with_tags: bool) -> Vec<&'static str> {
+        let mut calls = vec!["DescribeOrganization", "ListRoots"];
+        for unit in org.units.keys() {
+            let ous = org
+                .units
+                .values()
+                .filter(|u| u.parent.as_deref() == Some(unit.as_str()))
+                .count();
+            let accounts = org.accounts.values().filter(|a| &a.parent == unit).count();
+            calls.extend(std::iter::repeat_n(
+                "ListOrganizationalUnitsForParent",
+                pages(ous, ORG_PAGE),
+            ));
+            calls.extend(std::iter::repeat_n(
+                "ListAccountsForParent",
+                pages(accounts, ORG_PAGE),
+            ));
+        }
+        if with_tags {
+            calls.extend(std::iter::repeat_n(
+                "ListTagsForResource",
+                org.accounts.len(),
+            ));
+        }
+        calls
+    }
+}
+
+#[async_trait]
+impl OrganizationApi for FakeOrganizations {
+    async fn snapshot(&self, with_tags: bool) -> Result<Organization, AwsError> {
+        let mut org = lock(&self.org).clone();
+        for op in FakeOrganizations::snapshot_calls(&org, with_tags) {
+            self.svc.aws(op, || Ok(())).await?;
+        }
+        if !with_tags {
+            for a in org.accounts.values_mut() {
+                a.tags.clear();
+            }
+        }
+        Ok(org)
+    }
+
+    async fn caller_account(&self) -> Result<Option<AccountId>, AwsError> {
+        self.svc
+            .aws("GetCallerIdentity", || Ok(self.caller.clone()))
+            .await
+    }
+
+    fn calls(&self) -> u64 {
+        self.svc.calls()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// state table (DynamoDB)
+// ---------------------------------------------------------------------------------------------
+
+/// Ledger items a DynamoDB Query page holds: a page is at most 1 MB and a ledger item about
+/// 400 bytes.
+pub const LEDGER_ITEMS_PER_PAGE: usize = 2_500;
+
+/// Everything the state table holds.
+#[derive(Clone, Debug, Default)]
+pub struct StateData {
+    /// The ownership ledger.
+    pub ledger: BTreeMap<Assignment, LedgerEntry>,
+    /// Run records, oldest first.
+    pub runs: Vec<RunRecord>,
+    /// Mirror groups by Entra group id.
+    pub mirrors: BTreeMap<String, MirrorRecord>,
+    /// Rule sources by rule name.
+    pub sources: BTreeMap<String, SourceRecord>,
+    /// The lease: holder and expiry (seconds since the epoch, on the fake's clock).
+    pub lease: Option<(String, u64)>,
+}
+
+/// The state table in memory. Its clock (for lease expiry) is the wall-clock epoch when it was
+/// made plus the virtual time elapsed since, so leases expire under paused time.
+pub struct FakeState {
+    svc: Service,
+    data: Mutex<StateData>,
+    epoch0: u64,
+    t0: Instant,
+}
+
+impl FakeState {
+    /// An empty table.
+    pub fn new(settings: ServiceSettings) -> FakeState {
+        FakeState {
+            svc: Service::new("dynamodb", "ThrottlingException", settings),
+            data: Mutex::new(StateData::default()),
+            epoch0: crate::state::epoch_seconds(),
+            t0: Instant::now(),
+        }
+    }
+
+    /// On-demand DynamoDB: no quota that this tool can reach, 10 ms per call, SDK retry.
+    pub fn production_settings() -> ServiceSettings {
+        ServiceSettings {
+            latency: Duration::from_millis(10),
+            ..ServiceSettings::aws(None)
+        }
+    }
+
+    /// Counters and fault injection.
+    pub fn service(&self) -> &Service {
+        &self.svc
+    }
+
+    /// Reads or changes what the table holds.
+    pub fn with_data<R>(&self, f: impl FnOnce(&mut StateData) -> R) -> R {
+        f(&mut lock(&self.data))
+    }
+
+    /// The fake's clock, in seconds since the epoch.
+    pub fn now_epoch(&self) -> u64 {
+        self.epoch0 + (Instant::now() - self.t0).as_secs()
+    }
+}
+
+#[async_trait]
+impl StateStore for FakeState {
+    async fn ledger(&self) -> Result<Vec<LedgerEntry>, AwsError> {
+        let out: Vec<LedgerEntry> = lock(&self.data).ledger.values().cloned().collect();
+        self.svc
+            .aws_pages("Query", pages(out.len(), LEDGER_ITEMS_PER_PAGE), || Ok(()))
+            .await?;
+        Ok(out)
+    }
+
+    async fn put(&self, entry: &LedgerEntry, _run_id: &str) -> Result<(), AwsError> {
+        self.svc
+            .aws("PutItem", || {
+                lock(&self.data)
+                    .ledger
+                    .insert(entry.assignment.clone(), entry.clone());
+                Ok(())
+            })
+            .await
+    }
+
+    async fn remove(&self, assignment: &Assignment) -> Result<(), AwsError> {
+        self.svc
+            .aws("DeleteItem", || {
+                lock(&self.data).ledger.remove(assignment);
+                Ok(())
+            })
+            .await
+    }
+
+    async fn record_run(&self, run: &RunRecord) -> Result<(), AwsError> {
+        self.svc
+            .aws("PutItem", || {
+                lock(&self.data).runs.push(run.clone());
+                Ok(())
+            })
+            .await
+    }
+
+    async fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, AwsError> {
+        self.svc
+            .aws("Query", || {
+                let d = lock(&self.data);
+                let mut runs = d.runs.clone();
+                runs.sort_by(|a, b| (&b.started_at, &b.run_id).cmp(&(&a.started_at, &a.run_id)));
+                runs.truncate(limit);
+                Ok(runs)
+            })
+            .await
+    }
+
+    async fn mirrors(&self) -> Result<Vec<MirrorRecord>, AwsError> {
+        self.svc
+            .aws("Query", || {
+                Ok(lock(&self.data).mirrors.values().cloned().collect())
+            })
+            .await
+    }
+
+    async fn put_mirror(&self, mirror: &MirrorRecord) -> Result<(), AwsError> {
+        self.svc
+            .aws("PutItem", || {
+                lock(&self.data)
+                    .mirrors
+                    .insert(mirror.entra_group_id.clone(), mirror.clone());
+                Ok(())
+            })
+            .await
+    }
+
+    async fn remove_mirror(&self, entra_group_id: &str) -> Result<(), AwsError> {
+        self.svc
+            .aws("DeleteItem", || {
+                lock(&self.data).mirrors.remove(entra_group_id);
+                Ok(())
+            })
+            .await
+    }
+
+    async fn sources(&self) -> Result<Vec<SourceRecord>, AwsError> {
+        self.svc
+            .aws("Query", || {
+                Ok(lock(&self.data).sources.values().cloned().collect())
+            })
+            .await
+    }
+
+    async fn put_source(&self, source: &SourceRecord) -> Result<(), AwsError> {
+        self.svc
+            .aws("PutItem", || {
+                lock(&self.data)
+                    .sources
+                    .insert(source.rule.clone(), source.clone());
+                Ok(())
+            })
+            .await
+    }
+
+    async fn acquire_lease(&self, holder: &str, ttl_seconds: u64) -> Result<Lease, AwsError> {
+        self.svc
+            .aws("PutItem", || {
+                let now = self.now_epoch();
+                let mut d = lock(&self.data);
+                match &d.lease {
+                    Some((h, expires)) if h != holder && *expires >= now => Ok(Lease::HeldBy {
+                        holder: h.clone(),
+                        expires_at: *expires,
+                    }),
+                    _ => {
+                        d.lease = Some((holder.to_string(), now + ttl_seconds));
+                        Ok(Lease::Acquired)
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn renew_lease(&self, holder: &str, ttl_seconds: u64) -> Result<bool, AwsError> {
+        self.svc
+            .aws("PutItem", || {
+                let now = self.now_epoch();
+                let mut d = lock(&self.data);
+                match &mut d.lease {
+                    Some((h, expires)) if h == holder => {
+                        *expires = now + ttl_seconds;
+                        Ok(true)
+                    }
+                    _ => Ok(false),
+                }
+            })
+            .await
+    }
+
+    async fn release_lease(&self, holder: &str) -> Result<(), AwsError> {
+        self.svc
+            .aws("DeleteItem", || {
+                let mut d = lock(&self.data);
+                if d.lease.as_ref().is_some_and(|(h, _)| h == holder) {
+                    d.lease = None;
+                }
+                Ok(())
+            })
+            .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// all together
+// ---------------------------------------------------------------------------------------------
+
+/// One fake of each outside system, shared (`Arc`) between the engine and the test that
+/// inspects them.
+#[derive(Clone)]
+pub struct Fakes {
+    /// Graph.
+    pub directory: Arc<FakeDirectory>,
+    /// The identity store.
+    pub identity: Arc<FakeIdentityStore>,
+    /// sso-admin.
+    pub sso: Arc<FakeAssignments>,
+    /// The state table.
+    pub state: Arc<FakeState>,
+    /// AWS Organizations.
+    pub organizations: Arc<FakeOrganizations>,
+}
+
+impl Fakes {
+    /// Fakes with the production quotas and latencies over this tenant and organization; the
+    /// identity store and permission sets are empty until filled.
+    pub fn new(
+        tenant: Tenant,
+        org: Organization,
+        permission_sets: Vec<PermissionSet>,
+        sso: SsoSettings,
+    ) -> Fakes {
+        let caller = org.management_account.clone();
+        Fakes {
+            directory: Arc::new(FakeDirectory::new(
+                FakeDirectory::production_settings(),
+                tenant,
+            )),
+            identity: Arc::new(FakeIdentityStore::new(
+                FakeIdentityStore::production_settings(),
+            )),
+            sso: Arc::new(FakeAssignments::new(sso, permission_sets)),
+            state: Arc::new(FakeState::new(FakeState::production_settings())),
+            organizations: Arc::new(FakeOrganizations::new(
+                ServiceSettings::aws(None),
+                org,
+                caller,
+            )),
+        }
+    }
+
+    /// An engine over these fakes, without any client-side rate limiting (wrap it with
+    /// [`crate::rate::with_quotas`] for that).
+    pub fn engine(&self, settings: ApplySettings) -> Engine {
+        Engine {
+            directory: self.directory.clone(),
+            identity: self.identity.clone(),
+            sso: self.sso.clone(),
+            state: self.state.clone(),
+            organizations: self.organizations.clone(),
+            settings,
+        }
+    }
+
+    /// Every service's counters, by service name.
+    pub fn counts(&self) -> BTreeMap<&'static str, BTreeMap<&'static str, OpCount>> {
+        self.services()
+            .into_iter()
+            .map(|s| (s.name(), s.counts()))
+            .collect()
+    }
+
+    /// Every service's machinery, for counters and fault injection.
+    pub fn services(&self) -> [&Service; 5] {
+        [
+            self.directory.service(),
+            self.identity.service(),
+            self.sso.service(),
+            self.state.service(),
+            self.organizations.service(),
+        ]
+    }
+
+    /// Zeroes every counter.
+    pub fn reset_counts(&self) {
+        for s in self.services() {
+            s.reset_counts();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PrincipalType;
+
+    fn acct(n: u32) -> AccountId {
+        AccountId::try_from(format!("{n:012}")).unwrap()
+    }
+
+    fn asg(n: u32) -> Assignment {
+        Assignment {
+            account_id: acct(1),
+            permission_set_arn: "arn:aws:sso:::permissionSet/ssoins-1/ps-1".into(),
+            principal_type: PrincipalType::User,
+            principal_id: format!("u-{n}"),
+        }
+    }
+
+    #[test]
+    fn the_closure_is_transitive_and_cycle_safe() {
+        let user = |id: &str| DirUser {
+            id: id.into(),
+            user_principal_name: format!("{id}@x"),
+            display_name: id.into(),
+            account_enabled: true,
+        };
+        let group = |members: &[&str]| TenantGroup {
+            display_name: "g".into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        };
+        let t = Tenant {
+            users: ["a", "b", "c"].map(|u| (u.to_string(), user(u))).into(),
+            groups: [
+                ("g1".to_string(), group(&["a", "g2"])),
+                ("g2".to_string(), group(&["b", "g3"])),
+                ("g3".to_string(), group(&["c", "g1"])),
+            ]
+            .into(),
+        };
+        assert_eq!(t.transitive_users("g2"), BTreeSet::from(["a", "b", "c"]));
+        assert_eq!(
+            t.transitive_groups("g1"),
+            BTreeSet::from(["g1", "g2", "g3"])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_settle_after_their_delay_and_creations_are_capped() {
+        let sso = FakeAssignments::new(SsoSettings::default(), vec![]);
+        let (id, status) = sso.start(Operation::Create, &asg(0)).await.unwrap();
+        assert_eq!(status, RequestStatus::InProgress);
+        assert!(sso.assignments().is_empty());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            sso.status(Operation::Create, &id).await.unwrap(),
+            RequestStatus::Succeeded
+        );
+        assert_eq!(sso.assignments(), BTreeSet::from([asg(0)]));
+
+        // 15 outstanding creations; the 16th is refused (the client tries 3 times within the
+        // settle time of the first ones, so the caller sees the throttle).
+        let sso = FakeAssignments::new(
+            SsoSettings {
+                settle_min: Duration::from_secs(30),
+                settle_max: Duration::from_secs(30),
+                ..SsoSettings::default()
+            },
+            vec![],
+        );
+        for n in 0..15 {
+            sso.start(Operation::Create, &asg(n)).await.unwrap();
+        }
+        let err = sso.start(Operation::Create, &asg(15)).await.unwrap_err();
+        assert_eq!(err.code(), Some("ThrottlingException"));
+        assert_eq!(
+            sso.service().counts()["CreateAccountAssignment"].throttled,
+            3
+        );
+        assert_eq!(sso.peak_outstanding_creations(), 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_beyond_the_quota_are_throttled_and_counted() {
+        let sso = Arc::new(FakeAssignments::new(
+            SsoSettings {
+                service: ServiceSettings {
+                    client_attempts: 1,
+                    ..SsoSettings::default().service
+                },
+                ..SsoSettings::default()
+            },
+            vec![],
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let sso = sso.clone();
+            tasks.spawn(async move { sso.assigned(&acct(1), "ps").await.is_ok() });
+        }
+        let mut ok = 0;
+        while let Some(r) = tasks.join_next().await {
+            ok += usize::from(r.unwrap());
+        }
+        assert_eq!(ok, 20, "the burst of 20 passes, the rest is refused");
+        let c = sso.service().counts()["ListAccountAssignments"];
+        assert_eq!((c.calls, c.throttled), (50, 30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_store_lists_page_by_100_and_finds_names() {
+        let ids = FakeIdentityStore::new(FakeIdentityStore::production_settings());
+        for n in 0..250 {
+            ids.add_user(
+                &format!("u-{n}"),
+                &format!("User{n}@x"),
+                Some(&format!("e-{n}")),
+            );
+        }
+        assert_eq!(ids.list(Kind::User).await.unwrap().len(), 250);
+        assert_eq!(ids.service().counts()["ListUsers"].calls, 3);
+        assert_eq!(
+            ids.find(Kind::User, "user7@X").await.unwrap().as_deref(),
+            Some("u-7")
+        );
+        let g = ids.create_group("mirror", "").await.unwrap();
+        let m = ids.add_membership(&g, "u-1").await.unwrap();
+        assert_eq!(
+            ids.add_membership(&g, "u-1").await.unwrap_err().code(),
+            Some("ConflictException")
+        );
+        assert_eq!(ids.memberships(&g).await.unwrap()[&m], "u-1");
+        ids.delete_group(&g).await.unwrap();
+        assert!(ids.members_of(&g).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn injected_faults_come_back_once_each() {
+        let state = FakeState::new(FakeState::production_settings());
+        state
+            .service()
+            .fail_next("PutItem", "InternalServerError", 1);
+        let entry = LedgerEntry {
+            assignment: asg(1),
+            owned: Default::default(),
+            principal_name: None,
+        };
+        assert!(state.put(&entry, "r").await.is_err());
+        state.put(&entry, "r").await.unwrap();
+        assert_eq!(state.ledger().await.unwrap(), vec![entry]);
+    }
+}
