@@ -1148,11 +1148,13 @@ impl Engine {
                 RequestStatus::InProgress => {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(self.settings.poll_max);
-                    status = self
-                        .sso
-                        .status(op, &request_id)
-                        .await
-                        .map_err(|e| (e.to_string(), false))?;
+                    // A throttled poll says nothing about the request: keep polling until the
+                    // settle timeout rather than report a change that may have succeeded.
+                    status = match self.sso.status(op, &request_id).await {
+                        Ok(s) => s,
+                        Err(e) if crate::rate::is_throttling(&e) => RequestStatus::InProgress,
+                        Err(e) => return Err((e.to_string(), false)),
+                    };
                 }
             }
         }
@@ -1258,7 +1260,9 @@ impl Engine {
             client_secret,
             backoff: crate::retry::Backoff::default(),
         })?;
-        Ok(Engine {
+        // Every request to sso-admin and the identity store goes through one token bucket per
+        // service at its quota, with backoff on throttling.
+        Ok(crate::rate::with_quotas(Engine {
             directory: Arc::new(directory),
             identity: Arc::new(crate::identity::SdkIdentityStore::new(
                 aws_sdk_identitystore::Client::new(sdk),
@@ -1271,6 +1275,6 @@ impl Engine {
                 config.state.table.to_string(),
             )),
             settings: ApplySettings::default(),
-        })
+        }))
     }
 }

@@ -133,6 +133,9 @@ impl IdentityStore for SdkIdentityStore {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
+            if token.is_some() {
+                crate::rate::pace_page().await;
+            }
             self.count();
             let next = match kind {
                 Kind::User => {
@@ -284,6 +287,9 @@ impl IdentityStore for SdkIdentityStore {
         let mut out = BTreeMap::new();
         let mut token: Option<String> = None;
         loop {
+            if token.is_some() {
+                crate::rate::pace_page().await;
+            }
             self.count();
             let page = self
                 .client
