@@ -130,10 +130,12 @@ pub enum EngineError {
 pub struct ApplySettings {
     /// Assignment requests outstanding at once (Identity Center allows 15 creations).
     pub max_in_flight: usize,
-    /// First wait before polling a request's status; doubles up to `poll_max`.
-    pub poll_initial: Duration,
-    /// Longest wait between two polls.
-    pub poll_max: Duration,
+    /// First wait before polling a request's status: about when requests settle (1–3 s), so
+    /// few polls are spent on requests still running.
+    pub poll_first: Duration,
+    /// Wait between later polls. Each poll is an sso-admin request under the 20/s quota, and
+    /// each second of lag holds one of the 15 creation slots; 1 s balances the two.
+    pub poll_every: Duration,
     /// Give up waiting on one request after this long (it stays pending in the ledger).
     pub settle_timeout: Duration,
     /// How long the apply lease lives unless renewed (renewed every third of it): a run that
@@ -145,8 +147,8 @@ impl Default for ApplySettings {
     fn default() -> Self {
         ApplySettings {
             max_in_flight: 15,
-            poll_initial: Duration::from_millis(250),
-            poll_max: Duration::from_secs(5),
+            poll_first: Duration::from_millis(1500),
+            poll_every: Duration::from_secs(1),
             settle_timeout: Duration::from_secs(600),
             lease_ttl_seconds: 60,
         }
@@ -1129,7 +1131,7 @@ impl Engine {
             .await
             .map_err(|e| (e.to_string(), false))?;
         let deadline = Instant::now() + self.settings.settle_timeout;
-        let mut wait = self.settings.poll_initial;
+        let mut wait = self.settings.poll_first;
         loop {
             match status {
                 RequestStatus::Succeeded => return Ok(()),
@@ -1147,7 +1149,7 @@ impl Engine {
                 }
                 RequestStatus::InProgress => {
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(self.settings.poll_max);
+                    wait = self.settings.poll_every;
                     // A throttled poll says nothing about the request: keep polling until the
                     // settle timeout rather than report a change that may have succeeded.
                     status = match self.sso.status(op, &request_id).await {
