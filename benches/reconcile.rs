@@ -8,10 +8,12 @@
 //! ```text
 //! cargo bench --bench reconcile                  # small medium large, then the plan micro-benchmark
 //! cargo bench --bench reconcile -- small medium  # some sizes only (`plan` for the micro-benchmark)
+//! cargo bench --bench reconcile -- mirror        # medium cold sync, members mode against mirror mode
 //! ```
 //!
 //! See docs/benchmark.md for what each column means and bounds it.
 
+use entra_sso_sync::config::Config;
 use entra_sso_sync::engine::{ApplySettings, Engine, Mode, RunRequest, Target};
 use entra_sso_sync::fakes::synth::{Spec, World};
 use entra_sso_sync::fakes::{graph_cost, pages, FakeOrganizations, Fakes, SsoSettings, Tenant};
@@ -604,6 +606,55 @@ fn table(rows: &[Row]) -> String {
     t
 }
 
+/// Issue 5's comparison: the medium world's cold sync with its members-mode rules as they are,
+/// then with the same rules as `assign: mirror` (one group per Entra group, assigned once per
+/// account, filled with memberships).
+fn mirror_compare() -> String {
+    let spec = Spec::medium();
+    let mut t = String::from(
+        "| medium, cold sync | assignments created | mirror memberships added | Graph calls | identitystore calls | sso-admin calls | simulated wall |\n|---|---|---|---|---|---|---|\n",
+    );
+    for mode in ["members", "mirror"] {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        let world = World::generate(&spec);
+        let fakes = rt.block_on(async { world.fakes(SsoSettings::default()) });
+        let engine = with_quotas(fakes.engine(ApplySettings::default()));
+        let yaml = world
+            .config_yaml
+            .replace("assign: members", &format!("assign: {mode}"));
+        let config = Config::parse(&yaml, "synthetic").expect("the synthetic config parses");
+        fakes.reset_counts();
+        let (report, simulated) = rt.block_on(async {
+            let t0 = tokio::time::Instant::now();
+            let report = engine
+                .run(&config, &apply_request())
+                .await
+                .expect("the run completes its reads");
+            (report, tokio::time::Instant::now() - t0)
+        });
+        let calls: BTreeMap<&str, u64> = fakes
+            .services()
+            .iter()
+            .map(|s| (s.name(), s.calls()))
+            .collect();
+        let added: usize = report.memberships.iter().map(|m| m.added.len()).sum();
+        let _ = writeln!(
+            t,
+            "| `assign: {mode}` | {} | {added} | {} | {} | {} | {:.1} min |",
+            report.creates.len(),
+            calls.get("graph").copied().unwrap_or_default(),
+            calls.get("identitystore").copied().unwrap_or_default(),
+            calls.get("sso-admin").copied().unwrap_or_default(),
+            simulated.as_secs_f64() / 60.0
+        );
+    }
+    t
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -617,7 +668,7 @@ fn main() {
     let mut rows = Vec::new();
     let mut abouts = Vec::new();
     for name in &wanted {
-        if *name == "plan" {
+        if *name == "plan" || *name == "mirror" {
             continue;
         }
         let Some(spec) = Spec::by_name(name) else {
@@ -639,6 +690,9 @@ fn main() {
         for a in abouts {
             println!("- {a}");
         }
+    }
+    if wanted.contains(&"mirror") {
+        println!("{}", mirror_compare());
     }
     if wanted.contains(&"plan") {
         let (t, desired_only, desired, actual) = uncounted(plan_micro);
