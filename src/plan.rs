@@ -232,8 +232,9 @@ impl Plan {
 
 /// The assignments every evaluable rule wants, each with the rules that want it. Several rules
 /// may want the same assignment: it is one assignment, kept while any rule wants it.
-pub fn desired(rules: &[ResolvedRule]) -> BTreeMap<Assignment, BTreeSet<String>> {
-    let mut out: BTreeMap<Assignment, BTreeSet<String>> = BTreeMap::new();
+pub fn desired(rules: &[ResolvedRule]) -> BTreeMap<Assignment, BTreeSet<&str>> {
+    // Rule names are borrowed: at 200,000 assignments, cloning them was a third of the time.
+    let mut out: BTreeMap<Assignment, BTreeSet<&str>> = BTreeMap::new();
     for rule in rules {
         let RuleSource::Resolved(principals) = &rule.source else {
             continue;
@@ -246,7 +247,7 @@ pub fn desired(rules: &[ResolvedRule]) -> BTreeMap<Assignment, BTreeSet<String>>
                     principal_type: p.principal_type,
                     principal_id: p.principal_id.clone(),
                 };
-                out.entry(a).or_default().insert(rule.name.clone());
+                out.entry(a).or_default().insert(rule.name.as_str());
             }
         }
     }
@@ -264,17 +265,20 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
         } else {
             plan.creates.push(Change {
                 assignment: a.clone(),
-                rules: rules.iter().cloned().collect(),
+                rules: rules.iter().map(|r| r.to_string()).collect(),
             });
         }
     }
 
+    // Borrowed pairs: the ledger may hold 200,000 entries, each checked without cloning.
+    let observed: BTreeSet<(&str, &str)> = input
+        .observed
+        .iter()
+        .map(|(a, ps)| (a.as_str(), ps.as_str()))
+        .collect();
     let mut candidates = Vec::new();
     for (a, owned) in input.owned {
-        if !input
-            .observed
-            .contains(&(a.account_id.clone(), a.permission_set_arn.clone()))
-        {
+        if !observed.contains(&(a.account_id.as_str(), a.permission_set_arn.as_str())) {
             continue;
         }
         if !input.actual.contains(a) {
@@ -285,10 +289,17 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
             plan.claim.push(a.clone());
         }
         match desired.get(a) {
-            Some(rules) if *rules != owned.rules => plan.retag.push(Change {
-                assignment: a.clone(),
-                rules: rules.iter().cloned().collect(),
-            }),
+            Some(rules)
+                if !rules
+                    .iter()
+                    .copied()
+                    .eq(owned.rules.iter().map(String::as_str)) =>
+            {
+                plan.retag.push(Change {
+                    assignment: a.clone(),
+                    rules: rules.iter().map(|r| r.to_string()).collect(),
+                })
+            }
             Some(_) => {}
             None => candidates.push(Change {
                 assignment: a.clone(),
