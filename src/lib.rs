@@ -26,3 +26,19 @@ pub mod retry;
 pub mod scope;
 pub mod sso;
 pub mod state;
+
+/// Formats an error with its chain of causes (skipping causes its message already contains),
+/// for the command line's and the Lambda's error messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
+}

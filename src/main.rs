@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use entra_sso_sync::aws::load_config;
 use entra_sso_sync::config::Config;
 use entra_sso_sync::engine::{Engine, Mode, RunRequest, Target};
+use entra_sso_sync::error_chain as chain;
 use entra_sso_sync::explain::{explain_account, explain_user};
 use entra_sso_sync::model::AccountId;
 use entra_sso_sync::organizations::SdkOrganizations;
@@ -98,21 +99,6 @@ async fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// Formats an error with its chain of causes.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cause = c.source();
-    }
-    s
 }
 
 async fn run(cli: Cli) -> Result<u8, String> {

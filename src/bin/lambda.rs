@@ -4,25 +4,11 @@
 //! first invocation, after the runtime's first `next` call. Everything else is in
 //! [`entra_sso_sync::lambda`].
 
+use entra_sso_sync::error_chain as chain;
 use entra_sso_sync::lambda::{deadline_instant, App, HandlerError};
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
 use std::time::{Instant, SystemTime};
-
-/// The error with its chain of causes, for Lambda's error response.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cause = c.source();
-    }
-    s
-}
 
 fn diagnostic(e: &HandlerError) -> Diagnostic {
     Diagnostic {
