@@ -132,7 +132,11 @@ async fn run(cli: Cli) -> Result<u8, String> {
         .map_err(|e| chain(&e))?;
     let request = RunRequest {
         mode,
-        trigger: "cli".into(),
+        // Who started it, for the run record: the local user (the AWS identity is in CloudTrail).
+        trigger: format!(
+            "cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        ),
         allow_deletions,
         target: Target::All,
         deadline: None,
