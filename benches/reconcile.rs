@@ -335,6 +335,22 @@ fn apply_request() -> RunRequest {
     }
 }
 
+/// One apply run and the virtual time it took.
+fn timed_apply(
+    rt: &tokio::runtime::Runtime,
+    engine: &Engine,
+    config: &Config,
+) -> (Report, Duration) {
+    rt.block_on(async {
+        let t0 = tokio::time::Instant::now();
+        let report = engine
+            .run(config, &apply_request())
+            .await
+            .expect("the run completes its reads");
+        (report, tokio::time::Instant::now() - t0)
+    })
+}
+
 /// Runs one reconcile and measures it.
 fn run_case(
     rt: &tokio::runtime::Runtime,
@@ -375,14 +391,7 @@ fn run_case(
     let base = CURRENT.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let real0 = Instant::now();
-    let (report, simulated): (Report, Duration) = rt.block_on(async {
-        let t0 = tokio::time::Instant::now();
-        let report = engine
-            .run(&config, &apply_request())
-            .await
-            .expect("the run completes its reads");
-        (report, tokio::time::Instant::now() - t0)
-    });
+    let (report, simulated) = timed_apply(rt, engine, &config);
     let real = real0.elapsed();
     let peak_heap = PEAK.load(Ordering::Relaxed) - base;
     let (c, d, outcome) = (
@@ -628,14 +637,7 @@ fn mirror_compare() -> String {
             .replace("assign: members", &format!("assign: {mode}"));
         let config = Config::parse(&yaml, "synthetic").expect("the synthetic config parses");
         fakes.reset_counts();
-        let (report, simulated) = rt.block_on(async {
-            let t0 = tokio::time::Instant::now();
-            let report = engine
-                .run(&config, &apply_request())
-                .await
-                .expect("the run completes its reads");
-            (report, tokio::time::Instant::now() - t0)
-        });
+        let (report, simulated) = timed_apply(&rt, &engine, &config);
         let calls: BTreeMap<&str, u64> = fakes
             .services()
             .iter()

@@ -248,15 +248,7 @@ async fn a_mirror_whose_source_empties_holds_its_removals() {
     let config = s.config(&mirror_rule("devs", "\"222222222222\""));
     s.run(&config, Mode::Apply).await;
     let mirror = mirror_id(&s, "entra-sso-sync: Developers").await.unwrap();
-    s.graph.with_tenant(|t| {
-        for g in t
-            .groups
-            .iter_mut()
-            .filter(|g| [oid(100), oid(101), oid(102)].contains(&g.id))
-        {
-            g.members.clear();
-        }
-    });
+    s.empty_developers();
     let report = s.run(&config, Mode::Apply).await;
     assert_eq!(
         report.outcome,

@@ -124,15 +124,7 @@ async fn a_members_group_that_empties_holds_its_deletions_until_confirmed() {
     let s = Stack::new().await;
     let config = s.config(DEVS_MEMBERS);
     s.run(&config, Mode::Apply).await;
-    s.graph.with_tenant(|t| {
-        for g in t
-            .groups
-            .iter_mut()
-            .filter(|g| [oid(100), oid(101), oid(102)].contains(&g.id))
-        {
-            g.members.clear();
-        }
-    });
+    s.empty_developers();
     let report = s.run(&config, Mode::Apply).await;
     assert_eq!(report.outcome, Outcome::Guarded);
     assert_eq!(report.held.len(), 8);

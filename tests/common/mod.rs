@@ -202,6 +202,19 @@ impl Stack {
             .expect("list assignments")
     }
 
+    /// Empties Developers and the groups nested in it: the Entra source loses every member.
+    pub fn empty_developers(&self) {
+        self.graph.with_tenant(|t| {
+            for g in t
+                .groups
+                .iter_mut()
+                .filter(|g| [oid(100), oid(101), oid(102)].contains(&g.id))
+            {
+                g.members.clear();
+            }
+        });
+    }
+
     pub fn user_id(&self, n: u32) -> String {
         self.provisioned.users[&oid(n)].clone()
     }
