@@ -130,37 +130,28 @@ impl IdentityStore for SdkIdentityStore {
     }
 
     async fn list(&self, kind: Kind) -> Result<Vec<StoreEntry>, AwsError> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            if token.is_some() {
-                crate::rate::pace_page().await;
-            }
+        let ids = |x: Option<Vec<aws_sdk_identitystore::types::ExternalId>>| {
+            x.unwrap_or_default().into_iter().map(|x| x.id).collect()
+        };
+        crate::rate::all_pages(|token| async move {
             self.count();
-            let next = match kind {
+            Ok(match kind {
                 Kind::User => {
                     let page = self
                         .client
                         .list_users()
                         .identity_store_id(&self.store_id)
                         .max_results(100)
-                        .set_next_token(token.take())
+                        .set_next_token(token)
                         .send()
                         .await
                         .map_err(|e| AwsError::sdk(SERVICE, "ListUsers", e))?;
-                    for u in page.users {
-                        out.push(StoreEntry {
-                            name: u.user_name.unwrap_or_default(),
-                            external_ids: u
-                                .external_ids
-                                .unwrap_or_default()
-                                .into_iter()
-                                .map(|x| x.id)
-                                .collect(),
-                            id: u.user_id,
-                        });
-                    }
-                    page.next_token
+                    let entries = page.users.into_iter().map(|u| StoreEntry {
+                        name: u.user_name.unwrap_or_default(),
+                        external_ids: ids(u.external_ids),
+                        id: u.user_id,
+                    });
+                    (entries.collect(), page.next_token)
                 }
                 Kind::Group => {
                     let page = self
@@ -168,30 +159,20 @@ impl IdentityStore for SdkIdentityStore {
                         .list_groups()
                         .identity_store_id(&self.store_id)
                         .max_results(100)
-                        .set_next_token(token.take())
+                        .set_next_token(token)
                         .send()
                         .await
                         .map_err(|e| AwsError::sdk(SERVICE, "ListGroups", e))?;
-                    for g in page.groups {
-                        out.push(StoreEntry {
-                            name: g.display_name.unwrap_or_default(),
-                            external_ids: g
-                                .external_ids
-                                .unwrap_or_default()
-                                .into_iter()
-                                .map(|x| x.id)
-                                .collect(),
-                            id: g.group_id,
-                        });
-                    }
-                    page.next_token
+                    let entries = page.groups.into_iter().map(|g| StoreEntry {
+                        name: g.display_name.unwrap_or_default(),
+                        external_ids: ids(g.external_ids),
+                        id: g.group_id,
+                    });
+                    (entries.collect(), page.next_token)
                 }
-            };
-            match next.filter(|t| !t.is_empty()) {
-                Some(t) => token = Some(t),
-                None => return Ok(out),
-            }
-        }
+            })
+        })
+        .await
     }
 
     async fn create_group(
@@ -284,12 +265,7 @@ impl IdentityStore for SdkIdentityStore {
     }
 
     async fn memberships(&self, group_id: &str) -> Result<BTreeMap<String, String>, AwsError> {
-        let mut out = BTreeMap::new();
-        let mut token: Option<String> = None;
-        loop {
-            if token.is_some() {
-                crate::rate::pace_page().await;
-            }
+        let pairs = crate::rate::all_pages(|token| async move {
             self.count();
             let page = self
                 .client
@@ -297,22 +273,23 @@ impl IdentityStore for SdkIdentityStore {
                 .identity_store_id(&self.store_id)
                 .group_id(group_id)
                 .max_results(100)
-                .set_next_token(token.take())
+                .set_next_token(token)
                 .send()
                 .await
                 .map_err(|e| AwsError::sdk(SERVICE, "ListGroupMemberships", e))?;
-            for m in page.group_memberships {
-                let user = match m.member_id {
-                    Some(aws_sdk_identitystore::types::MemberId::UserId(u)) => u,
-                    _ => continue,
-                };
-                out.insert(m.membership_id, user);
-            }
-            match page.next_token.filter(|t| !t.is_empty()) {
-                Some(t) => token = Some(t),
-                None => return Ok(out),
-            }
-        }
+            let users = page
+                .group_memberships
+                .into_iter()
+                .filter_map(|m| match m.member_id {
+                    Some(aws_sdk_identitystore::types::MemberId::UserId(u)) => {
+                        Some((m.membership_id, u))
+                    }
+                    _ => None,
+                });
+            Ok((users.collect(), page.next_token))
+        })
+        .await?;
+        Ok(pairs.into_iter().collect())
     }
 
     async fn add_membership(&self, group_id: &str, user_id: &str) -> Result<String, AwsError> {

@@ -48,8 +48,7 @@ impl SdkOrganizations {
         org: &mut Organization,
         queue: &mut Vec<String>,
     ) -> Result<(), AwsError> {
-        let mut token = None;
-        loop {
+        let units = crate::rate::all_pages(|token| async move {
             self.count();
             let page = self
                 .client
@@ -59,30 +58,35 @@ impl SdkOrganizations {
                 .send()
                 .await
                 .map_err(|e| AwsError::sdk(SERVICE, "ListOrganizationalUnitsForParent", e))?;
-            for ou in page.organizational_units.unwrap_or_default() {
-                let id = ou.id.ok_or_else(|| {
-                    AwsError::malformed(
-                        SERVICE,
-                        "ListOrganizationalUnitsForParent",
-                        "an OU without an id",
-                    )
-                })?;
-                org.units.insert(
-                    id.clone(),
-                    OrgUnit {
-                        name: ou.name.unwrap_or_default(),
-                        parent: Some(parent.to_string()),
-                    },
-                );
-                queue.push(id);
-            }
-            token = page.next_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                break;
-            }
+            let units = page
+                .organizational_units
+                .unwrap_or_default()
+                .into_iter()
+                .map(|ou| {
+                    let id = ou.id.ok_or_else(|| {
+                        AwsError::malformed(
+                            SERVICE,
+                            "ListOrganizationalUnitsForParent",
+                            "an OU without an id",
+                        )
+                    })?;
+                    Ok((id, ou.name.unwrap_or_default()))
+                });
+            Ok((
+                units.collect::<Result<Vec<_>, AwsError>>()?,
+                page.next_token,
+            ))
+        })
+        .await?;
+        for (id, name) in units {
+            let unit = OrgUnit {
+                name,
+                parent: Some(parent.to_string()),
+            };
+            org.units.insert(id.clone(), unit);
+            queue.push(id);
         }
-        let mut token = None;
-        loop {
+        let accounts = crate::rate::all_pages(|token| async move {
             self.count();
             let page = self
                 .client
@@ -92,38 +96,30 @@ impl SdkOrganizations {
                 .send()
                 .await
                 .map_err(|e| AwsError::sdk(SERVICE, "ListAccountsForParent", e))?;
-            for a in page.accounts.unwrap_or_default() {
+            let malformed = |e: String| AwsError::malformed(SERVICE, "ListAccountsForParent", e);
+            let accounts = page.accounts.unwrap_or_default().into_iter().map(|a| {
                 let id =
-                    a.id.ok_or_else(|| {
-                        AwsError::malformed(
-                            SERVICE,
-                            "ListAccountsForParent",
-                            "an account without an id",
-                        )
-                    })
-                    .and_then(|id| {
-                        AccountId::try_from(id)
-                            .map_err(|e| AwsError::malformed(SERVICE, "ListAccountsForParent", e))
-                    })?;
+                    a.id.ok_or_else(|| malformed("an account without an id".into()))?;
                 let status = match a.status.as_ref().map(|s| s.as_str()) {
                     Some("ACTIVE") => AccountStatus::Active,
                     other => AccountStatus::Other(other.unwrap_or("UNKNOWN").to_string()),
                 };
-                org.accounts.insert(
-                    id,
-                    OrgAccount {
-                        name: a.name.unwrap_or_default(),
-                        status,
-                        parent: parent.to_string(),
-                        tags: BTreeMap::new(),
-                    },
-                );
-            }
-            token = page.next_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                return Ok(());
-            }
-        }
+                let account = OrgAccount {
+                    name: a.name.unwrap_or_default(),
+                    status,
+                    parent: parent.to_string(),
+                    tags: BTreeMap::new(),
+                };
+                Ok((AccountId::try_from(id).map_err(malformed)?, account))
+            });
+            Ok((
+                accounts.collect::<Result<Vec<_>, AwsError>>()?,
+                page.next_token,
+            ))
+        })
+        .await?;
+        org.accounts.extend(accounts);
+        Ok(())
     }
 }
 
@@ -174,10 +170,8 @@ impl OrganizationApi for SdkOrganizations {
             self.children(&parent, &mut org, &mut queue).await?;
         }
         if with_tags {
-            let ids: Vec<AccountId> = org.accounts.keys().cloned().collect();
-            for id in ids {
-                let mut token = None;
-                loop {
+            for (id, account) in org.accounts.iter_mut() {
+                let tags = crate::rate::all_pages(|token| async move {
                     self.count();
                     let page = self
                         .client
@@ -187,19 +181,15 @@ impl OrganizationApi for SdkOrganizations {
                         .send()
                         .await
                         .map_err(|e| AwsError::sdk(SERVICE, "ListTagsForResource", e))?;
-                    if let Some(account) = org.accounts.get_mut(&id) {
-                        account.tags.extend(
-                            page.tags
-                                .unwrap_or_default()
-                                .into_iter()
-                                .map(|t| (t.key, t.value)),
-                        );
-                    }
-                    token = page.next_token.filter(|t| !t.is_empty());
-                    if token.is_none() {
-                        break;
-                    }
-                }
+                    let tags = page
+                        .tags
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|t| (t.key, t.value));
+                    Ok((tags.collect(), page.next_token))
+                })
+                .await?;
+                account.tags.extend(tags);
             }
         }
         Ok(org)

@@ -186,6 +186,29 @@ pub async fn pace_page() {
     }
 }
 
+/// Reads a paged AWS listing to the end: `fetch` gets the page token (`None` first) and returns
+/// the page's items and the next token. Every page after the first is paced ([`pace_page`]),
+/// so the adapters' listings share one loop and one pacing rule.
+pub async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>, crate::aws::AwsError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<String>), crate::aws::AwsError>>,
+{
+    let mut out = Vec::new();
+    let mut token = None;
+    loop {
+        if token.is_some() {
+            pace_page().await;
+        }
+        let (items, next) = fetch(token.take()).await?;
+        out.extend(items);
+        match next.filter(|t| !t.is_empty()) {
+            Some(t) => token = Some(t),
+            None => return Ok(out),
+        }
+    }
+}
+
 /// Pages a listing of `entries` results took (at least one).
 fn pages(entries: usize) -> u32 {
     u32::try_from(entries.div_ceil(LIST_PAGE).max(1)).unwrap_or(u32::MAX)

@@ -181,12 +181,7 @@ fn to_status(
 #[async_trait]
 impl AssignmentApi for SdkAssignments {
     async fn permission_sets(&self) -> Result<Vec<PermissionSet>, AwsError> {
-        let mut arns = Vec::new();
-        let mut token = None;
-        loop {
-            if token.is_some() {
-                crate::rate::pace_page().await;
-            }
+        let arns = crate::rate::all_pages(|token| async move {
             self.count();
             let page = self
                 .client
@@ -197,12 +192,9 @@ impl AssignmentApi for SdkAssignments {
                 .send()
                 .await
                 .map_err(|e| AwsError::sdk(SERVICE, "ListPermissionSets", e))?;
-            arns.extend(page.permission_sets.unwrap_or_default());
-            token = page.next_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                break;
-            }
-        }
+            Ok((page.permission_sets.unwrap_or_default(), page.next_token))
+        })
+        .await?;
         let mut out = Vec::with_capacity(arns.len());
         for arn in arns {
             crate::rate::pace_page().await;
@@ -233,12 +225,7 @@ impl AssignmentApi for SdkAssignments {
         account: &AccountId,
         permission_set_arn: &str,
     ) -> Result<Vec<Principal>, AwsError> {
-        let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            if token.is_some() {
-                crate::rate::pace_page().await;
-            }
+        crate::rate::all_pages(|token| async move {
             self.count();
             let page = self
                 .client
@@ -251,35 +238,31 @@ impl AssignmentApi for SdkAssignments {
                 .send()
                 .await
                 .map_err(|e| AwsError::sdk(SERVICE, "ListAccountAssignments", e))?;
-            for a in page.account_assignments.unwrap_or_default() {
-                let principal_type = a
-                    .principal_type
-                    .as_ref()
-                    .and_then(|t| PrincipalType::parse(t.as_str()))
-                    .ok_or_else(|| {
-                        AwsError::malformed(
-                            SERVICE,
-                            "ListAccountAssignments",
-                            "an assignment without a USER/GROUP principal type",
-                        )
-                    })?;
-                let principal_id = a.principal_id.ok_or_else(|| {
-                    AwsError::malformed(
-                        SERVICE,
-                        "ListAccountAssignments",
-                        "an assignment without a principal id",
-                    )
-                })?;
-                out.push(Principal {
-                    principal_type,
-                    principal_id,
-                });
-            }
-            token = page.next_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                return Ok(out);
-            }
-        }
+            let malformed = |what: &str| {
+                AwsError::malformed(SERVICE, "ListAccountAssignments", what.to_string())
+            };
+            let principals = page
+                .account_assignments
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| {
+                    Ok(Principal {
+                        principal_type: a
+                            .principal_type
+                            .as_ref()
+                            .and_then(|t| PrincipalType::parse(t.as_str()))
+                            .ok_or_else(|| {
+                                malformed("an assignment without a USER/GROUP principal type")
+                            })?,
+                        principal_id: a
+                            .principal_id
+                            .ok_or_else(|| malformed("an assignment without a principal id"))?,
+                    })
+                })
+                .collect::<Result<Vec<_>, AwsError>>()?;
+            Ok((principals, page.next_token))
+        })
+        .await
     }
 
     async fn start(
