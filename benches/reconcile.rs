@@ -18,7 +18,9 @@ use entra_sso_sync::engine::{ApplySettings, Engine, Mode, RunRequest, Target};
 use entra_sso_sync::fakes::synth::{Spec, World};
 use entra_sso_sync::fakes::{graph_cost, pages, FakeOrganizations, Fakes, SsoSettings, Tenant};
 use entra_sso_sync::model::{AccountId, Assignment, Principal, PrincipalType};
-use entra_sso_sync::plan::{self, Limits, Owned, PlanInput, Protection, ResolvedRule, RuleSource};
+use entra_sso_sync::plan::{
+    self, Limits, Observation, Owned, PlanInput, Protection, ResolvedRule, RuleSource,
+};
 use entra_sso_sync::rate::{
     with_quotas, IDENTITY_STORE_RATE, MAX_OUTSTANDING_CREATIONS, SSO_ADMIN_RATE,
 };
@@ -260,7 +262,7 @@ fn time_plan(
     world: &World,
     tenant: &Tenant,
     actual: &BTreeSet<Assignment>,
-    observed: &BTreeSet<(AccountId, String)>,
+    observed: &Observation,
     owned: &BTreeMap<Assignment, Owned>,
 ) -> Duration {
     let rules: Vec<ResolvedRule> = world
@@ -297,7 +299,7 @@ fn time_plan(
 fn time_plan_of(
     rules: &[ResolvedRule],
     actual: &BTreeSet<Assignment>,
-    observed: &BTreeSet<(AccountId, String)>,
+    observed: &Observation,
     owned: &BTreeMap<Assignment, Owned>,
 ) -> Duration {
     let protection = Protection::default();
@@ -379,7 +381,11 @@ fn run_case(
         .into_iter()
         .filter(|a| pairs.contains(&(a.account_id.clone(), a.permission_set_arn.clone())))
         .collect();
-    let plan_cpu = uncounted(|| time_plan(world, &tenant, &actual, &pairs, &ledger));
+    let observed = Observation {
+        pairs: pairs.clone(),
+        principals: BTreeSet::new(),
+    };
+    let plan_cpu = uncounted(|| time_plan(world, &tenant, &actual, &observed, &ledger));
     let want = world.desired(&tenant);
     let creates = want.difference(&actual).count();
     let deletes = ledger.keys().filter(|a| !want.contains(*a)).count();
@@ -544,10 +550,13 @@ fn plan_micro() -> (Duration, Duration, usize, usize) {
             }
         }
     }
-    let observed: BTreeSet<(AccountId, String)> = actual
-        .iter()
-        .map(|a| (a.account_id.clone(), a.permission_set_arn.clone()))
-        .collect();
+    let observed = Observation {
+        pairs: actual
+            .iter()
+            .map(|a| (a.account_id.clone(), a.permission_set_arn.clone()))
+            .collect(),
+        principals: BTreeSet::new(),
+    };
     let t = time_plan_of(&rules, &actual, &observed, &owned);
     let desired_only = (0..3)
         .map(|_| {

@@ -9,7 +9,9 @@ use crate::identity::{self, IdentityStore, Kind, Strategy, Wanted};
 use crate::mirror;
 use crate::model::{AccountId, Assignment, Guid, Principal, PrincipalType};
 use crate::organizations::OrganizationApi;
-use crate::plan::{self, Change, Limits, Owned, PlanInput, Protection, ResolvedRule, RuleSource};
+use crate::plan::{
+    self, Change, Limits, Observation, Owned, PlanInput, Protection, ResolvedRule, RuleSource,
+};
 use crate::report::{ChangeView, Failure, Outcome, Report, RuleView, Unresolved};
 use crate::scope::{self, Expansion, Organization, ScopeError};
 use crate::sso::{AssignmentApi, Operation, RequestStatus};
@@ -373,10 +375,12 @@ impl Engine {
         )
         .await?;
 
-        let mut observed: BTreeSet<(AccountId, String)> = BTreeSet::new();
+        let mut observed = Observation::default();
         for r in &g.rules {
             for acct in &r.accounts {
-                observed.insert((acct.clone(), r.permission_set_arn.clone()));
+                observed
+                    .pairs
+                    .insert((acct.clone(), r.permission_set_arn.clone()));
             }
         }
         let targeted_accounts = match &req.target {
@@ -391,7 +395,9 @@ impl Engine {
             let in_reach =
                 targeted_accounts.is_none_or(|accounts| accounts.contains(&a.account_id));
             if in_reach && !scopes.unmanageable.contains_key(&a.account_id) {
-                observed.insert((a.account_id.clone(), a.permission_set_arn.clone()));
+                observed
+                    .pairs
+                    .insert((a.account_id.clone(), a.permission_set_arn.clone()));
             }
             if let Some(name) = &e.principal_name {
                 g.principal_names
@@ -404,8 +410,8 @@ impl Engine {
             .map(|e| (e.assignment, e.owned))
             .collect();
 
-        tracing::info!(pairs = observed.len(), "reading current assignments");
-        let actual = self.read_assignments(&observed).await?;
+        tracing::info!(pairs = observed.pairs.len(), "reading current assignments");
+        let actual = self.read_assignments(&observed.pairs).await?;
 
         let protection = protection(&config.safety.protected, &g.principal_names);
         let plan = plan::plan(PlanInput {

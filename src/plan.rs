@@ -145,11 +145,11 @@ pub struct HeldMirror {
 pub struct PlanInput<'a> {
     /// Every rule of the configuration, resolved.
     pub rules: &'a [ResolvedRule],
-    /// Assignments Identity Center has, for the pairs in `observed`.
+    /// Assignments Identity Center has, within what `observed` covers.
     pub actual: &'a BTreeSet<Assignment>,
-    /// The (account, permission set) pairs whose assignments were read. The plan judges only
-    /// these: an owned assignment outside them is neither deleted nor forgotten.
-    pub observed: &'a BTreeSet<(AccountId, String)>,
+    /// What of Identity Center was read. The plan judges only what it covers: an owned
+    /// assignment outside it is neither deleted nor forgotten.
+    pub observed: &'a Observation,
     /// The ownership ledger.
     pub owned: &'a BTreeMap<Assignment, Owned>,
     /// Mirror groups in play.
@@ -158,6 +158,26 @@ pub struct PlanInput<'a> {
     pub protection: &'a Protection,
     /// Deletion limits.
     pub limits: Limits,
+}
+
+/// What of Identity Center's assignments a run read: whole (account, permission set) pairs
+/// (`ListAccountAssignments`), whole principals across every account
+/// (`ListAccountAssignmentsForPrincipal`), or both.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observation {
+    /// Pairs whose assignments were read in full.
+    pub pairs: BTreeSet<(AccountId, String)>,
+    /// Principals whose assignments were read in full, in every account.
+    pub principals: BTreeSet<Principal>,
+}
+
+impl Observation {
+    /// True when the read would have seen `a` had it existed.
+    pub fn covers(&self, a: &Assignment) -> bool {
+        self.pairs
+            .contains(&(a.account_id.clone(), a.permission_set_arn.clone()))
+            || self.principals.contains(&a.principal())
+    }
 }
 
 /// One change, with the rules behind it.
@@ -270,15 +290,24 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
         }
     }
 
-    // Borrowed pairs: the ledger may hold 200,000 entries, each checked without cloning.
-    let observed: BTreeSet<(&str, &str)> = input
+    // Borrowed keys: the ledger may hold 200,000 entries, each checked without cloning.
+    let pairs: BTreeSet<(&str, &str)> = input
         .observed
+        .pairs
         .iter()
         .map(|(a, ps)| (a.as_str(), ps.as_str()))
         .collect();
+    let principals: BTreeSet<(PrincipalType, &str)> = input
+        .observed
+        .principals
+        .iter()
+        .map(|p| (p.principal_type, p.principal_id.as_str()))
+        .collect();
     let mut candidates = Vec::new();
     for (a, owned) in input.owned {
-        if !observed.contains(&(a.account_id.as_str(), a.permission_set_arn.as_str())) {
+        if !pairs.contains(&(a.account_id.as_str(), a.permission_set_arn.as_str()))
+            && !principals.contains(&(a.principal_type, a.principal_id.as_str()))
+        {
             continue;
         }
         if !input.actual.contains(a) {
@@ -526,11 +555,14 @@ mod tests {
         }
     }
 
-    fn observed(accounts: &[u8]) -> BTreeSet<(AccountId, String)> {
-        accounts
-            .iter()
-            .map(|&a| (acct(a), PS.to_string()))
-            .collect()
+    fn observed(accounts: &[u8]) -> Observation {
+        Observation {
+            pairs: accounts
+                .iter()
+                .map(|&a| (acct(a), PS.to_string()))
+                .collect(),
+            principals: BTreeSet::new(),
+        }
     }
 
     const LIMITS: Limits = Limits {
@@ -619,6 +651,34 @@ mod tests {
         let owned = BTreeMap::from([(asg(9, "x"), owned_by(&["gone"]))]);
         let p = run(&[], &BTreeSet::new(), &owned, LIMITS);
         assert_eq!(p, Plan::default());
+    }
+
+    #[test]
+    fn an_observed_principal_is_judged_in_every_account() {
+        // Account 9 is outside the observed pairs, but principal "p" was read everywhere.
+        let owned = BTreeMap::from([
+            (asg(9, "p"), owned_by(&["gone"])),
+            (asg(8, "p"), owned_by(&["gone"])),
+            (asg(9, "q"), owned_by(&["gone"])),
+        ]);
+        let actual = BTreeSet::from([asg(9, "p")]);
+        let observed = Observation {
+            pairs: BTreeSet::new(),
+            principals: BTreeSet::from([group("p")]),
+        };
+        let p = plan(PlanInput {
+            rules: &[],
+            actual: &actual,
+            observed: &observed,
+            owned: &owned,
+            mirrors: &[],
+            protection: &Protection::default(),
+            limits: LIMITS,
+        });
+        assert_eq!(p.deletes.len(), 1);
+        assert_eq!(p.deletes[0].assignment, asg(9, "p"));
+        assert_eq!(p.forget, vec![asg(8, "p")], "read and absent: forgotten");
+        assert!(observed.covers(&asg(8, "p")) && !observed.covers(&asg(9, "q")));
     }
 
     #[test]
