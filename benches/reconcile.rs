@@ -334,6 +334,7 @@ fn apply_request() -> RunRequest {
         allow_deletions: None,
         target: Target::All,
         deadline: None,
+        full_read: false,
     }
 }
 

@@ -54,6 +54,9 @@ pub struct Config {
     /// Settings of `assign: mirror` groups.
     #[serde(default)]
     pub mirror: MirrorConfig,
+    /// How often Identity Center's assignments are read in full.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The assignment rules.
     pub assignments: Vec<Rule>,
 }
@@ -194,6 +197,31 @@ pub struct MirrorConfig {
     /// suggests `mirror`.
     #[serde(default = "default_suggest_above")]
     pub suggest_mirror_above: usize,
+}
+
+/// `audit:` section. A run reads the assignments of every pair it may change; the others it
+/// takes from the ledger and the unowned assignments it last saw, and a rolling audit reads a
+/// slice of them each run so that every pair is read at least once per period (catching
+/// changes made by hand).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Every pair in play is read at least once in this many hours; 0 reads every pair on
+    /// every run.
+    #[serde(default = "default_audit_period_hours")]
+    pub period_hours: u32,
+}
+
+fn default_audit_period_hours() -> u32 {
+    24
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            period_hours: default_audit_period_hours(),
+        }
+    }
 }
 
 /// Default mirror group prefix: Entra display names do not start like this in practice, and a

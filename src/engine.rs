@@ -22,7 +22,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use crate::settle::{Settler, Woken};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// Reads of current assignments in flight at once.
@@ -95,6 +96,9 @@ pub struct RunRequest {
     /// No change starts after this instant (a Lambda sets it short of its timeout); changes
     /// not started are reported as deferred and the next run picks them up.
     pub deadline: Option<Instant>,
+    /// Read every pair in play instead of trusting the state table for those nothing will
+    /// change (an audit now).
+    pub full_read: bool,
 }
 
 /// A run that could not complete its reads; nothing was changed.
@@ -138,6 +142,11 @@ pub struct ApplySettings {
     /// Wait between later polls. Each poll is an sso-admin request under the 20/s quota, and
     /// each second of lag holds one of the 15 creation slots; 1 s balances the two.
     pub poll_every: Duration,
+    /// How often the requests in progress are listed ([`crate::settle::Settler`]): one
+    /// request tells which of up to 15 outstanding ones settled, so a slot is freed within
+    /// about this long of its request settling. At 250 ms the listing takes 4 of sso-admin's
+    /// 20 requests per second and the creations and their final reads fit in the rest.
+    pub list_every: Duration,
     /// Give up waiting on one request after this long (it stays pending in the ledger).
     pub settle_timeout: Duration,
     /// How long the apply lease lives unless renewed (renewed every third of it): a run that
@@ -151,6 +160,7 @@ impl Default for ApplySettings {
             max_in_flight: 15,
             poll_first: Duration::from_millis(1500),
             poll_every: Duration::from_secs(1),
+            list_every: Duration::from_millis(250),
             settle_timeout: Duration::from_secs(600),
             lease_ttl_seconds: 60,
         }
@@ -346,6 +356,8 @@ impl Engine {
             .map(|s| (s.rule.clone(), s))
             .collect();
         let mirror_records = self.state.mirrors().await?;
+        let seen: BTreeSet<Assignment> = self.state.seen().await?.into_iter().collect();
+        let audit_cursor = self.state.audit_cursor().await?;
         let scopes = expand_scopes(self.organizations.as_ref(), config).await?;
         let groups = self.find_groups(config).await?;
         let permission_sets = self.permission_sets(config).await?;
@@ -410,8 +422,31 @@ impl Engine {
             .map(|e| (e.assignment, e.owned))
             .collect();
 
-        tracing::info!(pairs = observed.pairs.len(), "reading current assignments");
-        let actual = self.read_assignments(&observed.pairs).await?;
+        // Read the pairs the plan may change and the audit's slice; trust the rest.
+        let now = self.state.now_epoch();
+        // Only a full run knows every rule's wants, so only it audits and tidies.
+        let full = matches!(req.target, Target::All);
+        let slice = if req.full_read {
+            AuditSlice::Everything
+        } else if full {
+            AuditSlice::since(audit_cursor, now, config.audit.period_hours)
+        } else {
+            AuditSlice::Nothing
+        };
+        let to_read = pairs_to_read(&g.rules, &owned, &seen, &observed, slice);
+        let believed: Vec<&Assignment> = owned
+            .iter()
+            .filter(|(_, o)| !o.pending)
+            .map(|(a, _)| a)
+            .chain(&seen)
+            .filter(|a| observed.covers(a) && !to_read.covers(a))
+            .collect();
+        let mut actual = self.read_assignments(&g.rules, &owned, &to_read).await?;
+        actual.extend(believed.into_iter().cloned());
+        let (pairs_read, pairs_trusted) = (
+            to_read.pairs.len(),
+            observed.pairs.len() - to_read.pairs.len(),
+        );
 
         let protection = protection(&config.safety.protected, &g.principal_names);
         let plan = plan::plan(PlanInput {
@@ -450,6 +485,13 @@ impl Engine {
                 });
             }
             self.record_sources(&g, req.allow_deletions.is_some()).await;
+            self.record_seen(&g.rules, &actual, &owned, &seen, &to_read, full)
+                .await;
+            if full {
+                if let Err(e) = self.state.put_audit_cursor(now).await {
+                    tracing::warn!(error = %e, "could not move the audit cursor; the next run reads this slice again");
+                }
+            }
         }
 
         let view = |c: &Change| ChangeView::new(c, &g.permission_set_names, &g.principal_names);
@@ -490,6 +532,8 @@ impl Engine {
                 ("organizations".to_string(), self.organizations.calls()),
                 ("sso-admin".to_string(), self.sso.calls()),
             ]),
+            pairs_read,
+            pairs_trusted,
         };
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.record(&report).await;
@@ -497,39 +541,64 @@ impl Engine {
         Ok(report)
     }
 
-    /// The assignments of every observed pair, several pairs in flight (the service's rate
-    /// limit, not latency, should bound a large read). Any failed read fails the run.
+    /// The current assignments of every observed pair that matter to the plan: those of the
+    /// principals it could create or judge. They are read per pair (`ListAccountAssignments`)
+    /// or per principal across all accounts (`ListAccountAssignmentsForPrincipal`), whichever
+    /// takes fewer calls; several reads in flight (the service's rate limit, not latency,
+    /// should bound a large read). Any failed read fails the run.
     async fn read_assignments(
         &self,
-        observed: &BTreeSet<(AccountId, String)>,
+        rules: &[ResolvedRule],
+        ledger: &BTreeMap<Assignment, Owned>,
+        observed: &Observation,
     ) -> Result<BTreeSet<Assignment>, EngineError> {
+        let reads = choose_reads(rules, ledger, observed);
+        tracing::info!(
+            pairs = observed.pairs.len(),
+            reads = reads.len(),
+            per_principal = matches!(reads.first(), Some(Read::Principal(_))),
+            "reading current assignments"
+        );
         let gate = Arc::new(Semaphore::new(READ_CONCURRENCY));
         let mut tasks = JoinSet::new();
-        for (acct, ps) in observed.iter().cloned() {
+        for read in reads {
             let (sso, gate) = (self.sso.clone(), gate.clone());
             tasks.spawn(async move {
                 let _permit = gate.acquire_owned().await;
-                let principals = sso.assigned(&acct, &ps).await;
-                (acct, ps, principals)
+                let found: Result<Vec<Assignment>, AwsError> = match &read {
+                    Read::Pair(acct, ps) => sso.assigned(acct, ps).await.map(|principals| {
+                        principals
+                            .into_iter()
+                            .map(|p| Assignment {
+                                account_id: acct.clone(),
+                                permission_set_arn: ps.clone(),
+                                principal_type: p.principal_type,
+                                principal_id: p.principal_id,
+                            })
+                            .collect()
+                    }),
+                    Read::Principal(p) => sso.assigned_to(p).await.map(|pairs| {
+                        pairs
+                            .into_iter()
+                            .map(|(account_id, permission_set_arn)| Assignment {
+                                account_id,
+                                permission_set_arn,
+                                principal_type: p.principal_type,
+                                principal_id: p.principal_id.clone(),
+                            })
+                            .collect()
+                    }),
+                };
+                found
             });
         }
         let mut actual = BTreeSet::new();
         while let Some(joined) = tasks.join_next().await {
-            let (acct, ps, principals) = joined.map_err(|e| {
-                AwsError::malformed(
-                    "sso-admin",
-                    "ListAccountAssignments",
-                    format!("task failed: {e}"),
-                )
-            })?;
-            for p in principals? {
-                actual.insert(Assignment {
-                    account_id: acct.clone(),
-                    permission_set_arn: ps.clone(),
-                    principal_type: p.principal_type,
-                    principal_id: p.principal_id,
-                });
-            }
+            let found = joined.map_err(|e| {
+                AwsError::malformed("sso-admin", "ListAccountAssignments", format!("task failed: {e}"))
+            })??;
+            // A principal's other pairs are outside this run's judgement.
+            actual.extend(found.into_iter().filter(|a| observed.covers(a)));
         }
         Ok(actual)
     }
@@ -545,6 +614,40 @@ impl Engine {
             }
             if let Err(e) = self.state.put_source(source).await {
                 tracing::warn!(rule = source.rule, error = %e, "could not record the rule's source");
+            }
+        }
+    }
+
+    /// After an apply: remembers the unowned assignments the rules want, as read in the pairs
+    /// read this run, so later runs can trust them; a full run also forgets those no rule wants
+    /// any more. A failure is logged: the next run reads those pairs again.
+    async fn record_seen(
+        &self,
+        rules: &[ResolvedRule],
+        actual: &BTreeSet<Assignment>,
+        owned: &BTreeMap<Assignment, Owned>,
+        seen: &BTreeSet<Assignment>,
+        read: &Observation,
+        full: bool,
+    ) {
+        let desired = desired_keys(rules);
+        let is_desired = |a: &Assignment| desired.contains(&key(a));
+        let now: BTreeSet<&Assignment> = actual
+            .iter()
+            .filter(|a| read.covers(a) && !owned.contains_key(*a) && is_desired(a))
+            .collect();
+        for a in now.iter().filter(|a| !seen.contains(**a)) {
+            if let Err(e) = self.state.put_seen(a).await {
+                tracing::warn!(assignment = %a, error = %e, "could not record an unowned assignment");
+            }
+        }
+        for a in seen {
+            let gone = read.covers(a) && !now.contains(a);
+            let unwanted = full && !is_desired(a);
+            if gone || unwanted {
+                if let Err(e) = self.state.remove_seen(a).await {
+                    tracing::warn!(assignment = %a, error = %e, "could not forget an unowned assignment");
+                }
             }
         }
     }
@@ -1024,21 +1127,29 @@ impl Engine {
             (Operation::Create, &plan.creates),
             (Operation::Delete, &plan.deletes),
         ] {
+            if changes.is_empty() {
+                continue;
+            }
             let gate = Arc::new(Semaphore::new(self.settings.max_in_flight.max(1)));
+            let (settler, poller) = Settler::spawn(self.sso.clone(), op, self.settings.list_every);
             let mut tasks = JoinSet::new();
             for change in changes.iter().cloned() {
                 let engine = self.clone();
-                let gate = gate.clone();
+                let (gate, settler) = (gate.clone(), settler.clone());
                 let name = names.get(&change.assignment.principal()).cloned();
                 let run_id = run_id.to_string();
                 let stop = (stop.deadline, stop.lease_lost.clone());
                 tasks.spawn(async move {
-                    let _permit = gate.acquire_owned().await;
+                    let Ok(slot) = gate.acquire_owned().await else {
+                        return (change, None);
+                    };
                     if stop.1.load(Ordering::SeqCst) || stop.0.is_some_and(|d| Instant::now() >= d)
                     {
                         return (change, None);
                     }
-                    let result = engine.execute(op, &change, name, &run_id).await;
+                    let result = engine
+                        .execute(op, &change, name, &run_id, &settler, slot)
+                        .await;
                     (change, Some(result))
                 });
             }
@@ -1062,6 +1173,7 @@ impl Engine {
                     }),
                 }
             }
+            settler.stop(poller);
         }
         for m in &plan.mirrors {
             if stop.now() {
@@ -1081,13 +1193,16 @@ impl Engine {
         (failures, deferred, warnings)
     }
 
-    /// One creation or deletion, with its ledger bookkeeping around it.
+    /// One creation or deletion, with its ledger bookkeeping around it. `slot` is one of the
+    /// in-flight places; it is given back as soon as the request settles.
     async fn execute(
         &self,
         op: Operation,
         change: &Change,
         principal_name: Option<String>,
         run_id: &str,
+        settler: &Settler,
+        slot: OwnedSemaphorePermit,
     ) -> Result<(), String> {
         let a = &change.assignment;
         let mut entry = LedgerEntry {
@@ -1106,7 +1221,7 @@ impl Engine {
                 .await
                 .map_err(|e| format!("recording the intent: {e}"))?;
         }
-        let settled = self.request_and_wait(op, a).await;
+        let settled = self.request_and_wait(op, a, settler, slot).await;
         match (op, settled) {
             (Operation::Create, Ok(())) => {
                 entry.owned.pending = false;
@@ -1128,9 +1243,16 @@ impl Engine {
         }
     }
 
-    /// Starts a request and polls it until it settles. The error says whether Identity Center
+    /// Starts a request and waits until it settles: woken by the settler, or polling its own
+    /// status where listing is unavailable. The error says whether Identity Center
     /// definitively refused (`true`) or the outcome is unknown (`false`).
-    async fn request_and_wait(&self, op: Operation, a: &Assignment) -> Result<(), (String, bool)> {
+    async fn request_and_wait(
+        &self,
+        op: Operation,
+        a: &Assignment,
+        settler: &Settler,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<(), (String, bool)> {
         let (request_id, mut status) = self
             .sso
             .start(op, a)
@@ -1138,6 +1260,7 @@ impl Engine {
             .map_err(|e| (e.to_string(), false))?;
         let deadline = Instant::now() + self.settings.settle_timeout;
         let mut wait = self.settings.poll_first;
+        let mut slot = Some(slot);
         loop {
             match status {
                 RequestStatus::Succeeded => return Ok(()),
@@ -1154,8 +1277,15 @@ impl Engine {
                     ))
                 }
                 RequestStatus::InProgress => {
-                    tokio::time::sleep(wait).await;
-                    wait = self.settings.poll_every;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, settler.wait(&request_id)).await {
+                        // Settled on Identity Center's side: its slot is free for the next.
+                        Ok(Woken::Settled) => drop(slot.take()),
+                        Ok(Woken::PollYourself) | Err(_) => {
+                            tokio::time::sleep(wait).await;
+                            wait = self.settings.poll_every;
+                        }
+                    }
                     // A throttled poll says nothing about the request: keep polling until the
                     // settle timeout rather than report a change that may have succeeded.
                     status = match self.sso.status(op, &request_id).await {
@@ -1166,6 +1296,207 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// An assignment as borrowed parts, for set look-ups without cloning.
+type Key<'a> = (&'a str, &'a str, PrincipalType, &'a str);
+
+fn key(a: &Assignment) -> Key<'_> {
+    (
+        a.account_id.as_str(),
+        &a.permission_set_arn,
+        a.principal_type,
+        &a.principal_id,
+    )
+}
+
+/// Every assignment the evaluable rules want.
+fn desired_keys(rules: &[ResolvedRule]) -> BTreeSet<Key<'_>> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        let RuleSource::Resolved(principals) = &r.source else {
+            continue;
+        };
+        for a in &r.accounts {
+            for p in principals {
+                out.insert((
+                    a.as_str(),
+                    r.permission_set_arn.as_str(),
+                    p.principal_type,
+                    p.principal_id.as_str(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Which trusted pairs the rolling audit reads this run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AuditSlice {
+    /// None (a targeted run).
+    Nothing,
+    /// Every pair (no audit yet, a full period has passed, a period of 0, or `full_read`).
+    Everything,
+    /// The pairs whose position on the period's circle lies in `(from, to]`, as fractions of
+    /// the period: each pair is read once per period, about evenly spread over the runs.
+    Between { from: f64, to: f64 },
+}
+
+impl AuditSlice {
+    /// The slice for a run at `now` when the last audit read up to `cursor`.
+    fn since(cursor: Option<u64>, now: u64, period_hours: u32) -> AuditSlice {
+        let period = u64::from(period_hours) * 3600;
+        match cursor {
+            Some(last) if period > 0 && now >= last && now - last < period => {
+                let phase = |t: u64| (t % period) as f64 / period as f64;
+                AuditSlice::Between {
+                    from: phase(last),
+                    to: phase(now),
+                }
+            }
+            _ => AuditSlice::Everything,
+        }
+    }
+
+    fn contains(self, account: &AccountId, permission_set_arn: &str) -> bool {
+        match self {
+            AuditSlice::Nothing => false,
+            AuditSlice::Everything => true,
+            AuditSlice::Between { from, to } => {
+                let at = position(account, permission_set_arn);
+                if from <= to {
+                    from < at && at <= to
+                } else {
+                    at > from || at <= to
+                }
+            }
+        }
+    }
+}
+
+/// A pair's fixed place in [0, 1): FNV-1a of its text, so every run and every process agrees.
+fn position(account: &AccountId, permission_set_arn: &str) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in account
+        .as_str()
+        .bytes()
+        .chain([b'#'])
+        .chain(permission_set_arn.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The pairs of `observed` to read this run: those where the plan may act (a wanted
+/// assignment the state table does not vouch for, an owned one no rule wants, a pending
+/// intent) and the audit's slice. Every change is thus decided on a fresh read; only pairs
+/// where the state table says there is nothing to do are trusted.
+fn pairs_to_read(
+    rules: &[ResolvedRule],
+    owned: &BTreeMap<Assignment, Owned>,
+    seen: &BTreeSet<Assignment>,
+    observed: &Observation,
+    slice: AuditSlice,
+) -> Observation {
+    let believed: BTreeSet<Key<'_>> = owned
+        .iter()
+        .filter(|(_, o)| !o.pending)
+        .map(|(a, _)| key(a))
+        .chain(seen.iter().map(key))
+        .collect();
+    let desired = desired_keys(rules);
+    let mut read: BTreeSet<(&str, &str)> = desired
+        .iter()
+        .filter(|k| !believed.contains(*k))
+        .map(|k| (k.0, k.1))
+        .collect();
+    for (a, o) in owned {
+        if o.pending || !desired.contains(&key(a)) {
+            read.insert((a.account_id.as_str(), &a.permission_set_arn));
+        }
+    }
+    Observation {
+        pairs: observed
+            .pairs
+            .iter()
+            .filter(|(a, ps)| read.contains(&(a.as_str(), ps.as_str())) || slice.contains(a, ps))
+            .cloned()
+            .collect(),
+        principals: BTreeSet::new(),
+    }
+}
+
+/// One read of current assignments.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    /// Every principal of one (account, permission set) pair.
+    Pair(AccountId, String),
+    /// Every pair of one principal.
+    Principal(Principal),
+}
+
+/// The reads that observe `observed` for the plan with the fewest calls: one per pair, or one
+/// per principal the plan could create or judge there (the rules' principals and the
+/// ledger's), each counted with the pages its expected assignments fill.
+fn choose_reads(
+    rules: &[ResolvedRule],
+    ledger: &BTreeMap<Assignment, Owned>,
+    observed: &Observation,
+) -> Vec<Read> {
+    let mut per_pair: BTreeMap<(&AccountId, &str), usize> = observed
+        .pairs
+        .iter()
+        .map(|(a, ps)| ((a, ps.as_str()), 0))
+        .collect();
+    let ledger_principals: Vec<Principal> = ledger
+        .keys()
+        .filter(|a| observed.covers(a))
+        .map(Assignment::principal)
+        .collect();
+    let mut per_principal: BTreeMap<&Principal, usize> = BTreeMap::new();
+    for r in rules {
+        let RuleSource::Resolved(principals) = &r.source else {
+            continue;
+        };
+        let mut in_play = 0;
+        for a in &r.accounts {
+            if let Some(n) = per_pair.get_mut(&(a, r.permission_set_arn.as_str())) {
+                *n += principals.len();
+                in_play += 1;
+            }
+        }
+        if in_play > 0 {
+            for p in principals.iter().filter(|p| !mirror::is_placeholder(p)) {
+                *per_principal.entry(p).or_default() += in_play;
+            }
+        }
+    }
+    for a in ledger.keys().filter(|a| observed.covers(a)) {
+        if let Some(n) = per_pair.get_mut(&(&a.account_id, a.permission_set_arn.as_str())) {
+            *n += 1;
+        }
+    }
+    for p in &ledger_principals {
+        *per_principal.entry(p).or_default() += 1;
+    }
+    let pages = |n: &usize| n.div_ceil(crate::rate::LIST_PAGE).max(1);
+    let pair_calls: usize = per_pair.values().map(pages).sum();
+    let principal_calls: usize = per_principal.values().map(pages).sum();
+    if principal_calls < pair_calls {
+        per_principal
+            .into_keys()
+            .map(|p| Read::Principal(p.clone()))
+            .collect()
+    } else {
+        observed
+            .pairs
+            .iter()
+            .map(|(a, ps)| Read::Pair(a.clone(), ps.clone()))
+            .collect()
     }
 }
 

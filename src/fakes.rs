@@ -353,6 +353,8 @@ struct SsoRequest {
 struct SsoData {
     permission_sets: Vec<PermissionSet>,
     assigned: BTreeMap<(AccountId, String), BTreeSet<Principal>>,
+    /// The same assignments by principal, for `ListAccountAssignmentsForPrincipal`.
+    by_principal: BTreeMap<Principal, BTreeSet<(AccountId, String)>>,
     requests: Vec<SsoRequest>,
     pending: BTreeSet<(Instant, usize)>,
     outstanding_creations: usize,
@@ -369,21 +371,41 @@ impl SsoData {
             self.pending.pop_first();
             let r = &mut self.requests[idx];
             r.settled = true;
-            let a = &r.assignment;
-            let key = (a.account_id.clone(), a.permission_set_arn.clone());
-            match r.op {
+            let (op, a) = (r.op, r.assignment.clone());
+            match op {
                 Operation::Create => {
                     self.outstanding_creations -= 1;
-                    self.assigned.entry(key).or_default().insert(a.principal());
+                    self.add(&a);
                 }
-                Operation::Delete => {
-                    if let Some(set) = self.assigned.get_mut(&key) {
-                        set.remove(&a.principal());
-                        if set.is_empty() {
-                            self.assigned.remove(&key);
-                        }
-                    }
-                }
+                Operation::Delete => self.remove(&a),
+            }
+        }
+    }
+
+    fn add(&mut self, a: &Assignment) {
+        let pair = (a.account_id.clone(), a.permission_set_arn.clone());
+        self.assigned
+            .entry(pair.clone())
+            .or_default()
+            .insert(a.principal());
+        self.by_principal
+            .entry(a.principal())
+            .or_default()
+            .insert(pair);
+    }
+
+    fn remove(&mut self, a: &Assignment) {
+        let pair = (a.account_id.clone(), a.permission_set_arn.clone());
+        if let Some(set) = self.assigned.get_mut(&pair) {
+            set.remove(&a.principal());
+            if set.is_empty() {
+                self.assigned.remove(&pair);
+            }
+        }
+        if let Some(set) = self.by_principal.get_mut(&a.principal()) {
+            set.remove(&pair);
+            if set.is_empty() {
+                self.by_principal.remove(&a.principal());
             }
         }
     }
@@ -446,11 +468,7 @@ impl FakeAssignments {
 
     /// Makes an assignment exist at once (made by hand, or before the tool ran).
     pub fn insert(&self, a: &Assignment) {
-        self.data()
-            .assigned
-            .entry((a.account_id.clone(), a.permission_set_arn.clone()))
-            .or_default()
-            .insert(a.principal());
+        self.data().add(a);
     }
 
     /// The most creations that were outstanding at once.
@@ -495,6 +513,27 @@ impl AssignmentApi for FakeAssignments {
         for _ in 1..pages(out.len(), 100) {
             crate::rate::pace_page().await;
             self.svc.aws("ListAccountAssignments", || Ok(())).await?;
+        }
+        Ok(out)
+    }
+
+    async fn assigned_to(&self, principal: &Principal) -> Result<Vec<(AccountId, String)>, AwsError> {
+        let out: Vec<(AccountId, String)> = self
+            .svc
+            .aws("ListAccountAssignmentsForPrincipal", || {
+                Ok(self
+                    .data()
+                    .by_principal
+                    .get(principal)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default())
+            })
+            .await?;
+        for _ in 1..pages(out.len(), 100) {
+            crate::rate::pace_page().await;
+            self.svc
+                .aws("ListAccountAssignmentsForPrincipal", || Ok(()))
+                .await?;
         }
         Ok(out)
     }
@@ -569,6 +608,29 @@ impl AssignmentApi for FakeAssignments {
                 })
             })
             .await
+    }
+
+    async fn in_progress(&self, op: Operation) -> Result<BTreeSet<String>, AwsError> {
+        let name = match op {
+            Operation::Create => "ListAccountAssignmentCreationStatus",
+            Operation::Delete => "ListAccountAssignmentDeletionStatus",
+        };
+        let ids: BTreeSet<String> = self
+            .svc
+            .aws(name, || {
+                let d = self.data();
+                Ok(d.pending
+                    .iter()
+                    .filter(|(_, i)| d.requests[*i].op == op)
+                    .map(|(_, i)| format!("req-{i}"))
+                    .collect())
+            })
+            .await?;
+        for _ in 1..pages(ids.len(), 100) {
+            crate::rate::pace_page().await;
+            self.svc.aws(name, || Ok(())).await?;
+        }
+        Ok(ids)
     }
 
     fn calls(&self) -> u64 {
@@ -1243,6 +1305,10 @@ pub struct StateData {
     pub sources: BTreeMap<String, SourceRecord>,
     /// The lease: holder and expiry (seconds since the epoch, on the fake's clock).
     pub lease: Option<(String, u64)>,
+    /// Unowned assignments a rule wants, as last read.
+    pub seen: BTreeSet<Assignment>,
+    /// The rolling audit's cursor.
+    pub audit_cursor: Option<u64>,
 }
 
 /// The state table in memory. Its clock (for lease expiry) is the wall-clock epoch when it was
@@ -1283,14 +1349,56 @@ impl FakeState {
         f(&mut lock(&self.data))
     }
 
-    /// The fake's clock, in seconds since the epoch.
-    pub fn now_epoch(&self) -> u64 {
-        self.epoch0 + (Instant::now() - self.t0).as_secs()
-    }
 }
 
 #[async_trait]
 impl StateStore for FakeState {
+    /// The fake's clock: the epoch when it was made plus the (virtual) time since.
+    fn now_epoch(&self) -> u64 {
+        self.epoch0 + (Instant::now() - self.t0).as_secs()
+    }
+
+    async fn seen(&self) -> Result<Vec<Assignment>, AwsError> {
+        let out: Vec<Assignment> = lock(&self.data).seen.iter().cloned().collect();
+        self.svc
+            .aws_pages("Query", pages(out.len(), LEDGER_ITEMS_PER_PAGE), || Ok(()))
+            .await?;
+        Ok(out)
+    }
+
+    async fn put_seen(&self, a: &Assignment) -> Result<(), AwsError> {
+        self.svc
+            .aws("PutItem", || {
+                lock(&self.data).seen.insert(a.clone());
+                Ok(())
+            })
+            .await
+    }
+
+    async fn remove_seen(&self, a: &Assignment) -> Result<(), AwsError> {
+        self.svc
+            .aws("DeleteItem", || {
+                lock(&self.data).seen.remove(a);
+                Ok(())
+            })
+            .await
+    }
+
+    async fn audit_cursor(&self) -> Result<Option<u64>, AwsError> {
+        self.svc
+            .aws("GetItem", || Ok(lock(&self.data).audit_cursor))
+            .await
+    }
+
+    async fn put_audit_cursor(&self, at: u64) -> Result<(), AwsError> {
+        self.svc
+            .aws("PutItem", || {
+                lock(&self.data).audit_cursor = Some(at);
+                Ok(())
+            })
+            .await
+    }
+
     async fn ledger(&self) -> Result<Vec<LedgerEntry>, AwsError> {
         let out: Vec<LedgerEntry> = lock(&self.data).ledger.values().cloned().collect();
         self.svc

@@ -1188,6 +1188,7 @@ impl App {
             allow_deletions,
             target,
             deadline: lambda_deadline.map(|d| run_deadline(d, Instant::now())),
+            full_read: false,
         };
         let report = match engine.run(&config, &request).await {
             Ok(r) => r,

@@ -24,6 +24,7 @@ pub mod rate;
 pub mod report;
 pub mod retry;
 pub mod scope;
+pub mod settle;
 pub mod sso;
 pub mod state;
 

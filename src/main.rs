@@ -42,8 +42,14 @@ struct RunArgs {
 enum Command {
     /// Check the configuration offline. Exit 0 valid, 1 invalid.
     Validate(ConfigArg),
-    /// Read everything, change nothing. Exit 0 in sync, 2 changes pending, 1 error.
-    Plan(RunArgs),
+    /// Read what could change, change nothing. Exit 0 in sync, 2 changes pending, 1 error.
+    Plan {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Read every pair's assignments instead of trusting the state table (an audit now).
+        #[arg(long)]
+        full_read: bool,
+    },
     /// Explain which rules reach an account (and through which scope), or why a user has or
     /// lacks access (the rule, the Entra group and the nesting path).
     Explain {
@@ -71,6 +77,9 @@ enum Command {
         /// Confirm, once, up to N deletions past the safety guards.
         #[arg(long, value_name = "N")]
         allow_deletions: Option<u32>,
+        /// Read every pair's assignments instead of trusting the state table (an audit now).
+        #[arg(long)]
+        full_read: bool,
     },
 }
 
@@ -102,7 +111,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<u8, String> {
-    let (args, mode, allow_deletions) = match cli.command {
+    let (args, mode, allow_deletions, full_read) = match cli.command {
         Command::Validate(arg) => {
             let config = read_config(&arg.config, None).await?;
             println!("{}: valid ({} rules)", arg.config, config.assignments.len());
@@ -120,11 +129,12 @@ async fn run(cli: Cli) -> Result<u8, String> {
         } => return explain_person(run, &user).await,
         Command::Explain { .. } => return Err("explain needs --account or --user".into()),
         Command::History { run, limit } => return history(run, limit).await,
-        Command::Plan(run) => (run, Mode::Plan, None),
+        Command::Plan { run, full_read } => (run, Mode::Plan, None, full_read),
         Command::Apply {
             run,
             allow_deletions,
-        } => (run, Mode::Apply, allow_deletions),
+            full_read,
+        } => (run, Mode::Apply, allow_deletions, full_read),
     };
     let (sdk, config) = load(&args).await?;
     let engine = Engine::connect(&config, &sdk, std::env::var("ENTRA_CLIENT_SECRET").ok())
@@ -140,6 +150,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
         allow_deletions,
         target: Target::All,
         deadline: None,
+        full_read,
     };
     let report = engine.run(&config, &request).await.map_err(|e| chain(&e))?;
     print(args.output, &report, || report.to_text())?;

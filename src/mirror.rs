@@ -36,6 +36,11 @@ pub fn placeholder(entra_group_id: &str) -> Principal {
     }
 }
 
+/// True for [`placeholder`]'s principal: nothing exists under it in Identity Center.
+pub fn is_placeholder(p: &Principal) -> bool {
+    p.principal_id.starts_with("(new mirror of ")
+}
+
 /// Finds (and, when applying, creates) each mirror group, reads its members, and puts the
 /// real group ids into the rules. Returns the mirror states the plan works from: the ones in
 /// use, and in a full run the recorded ones no rule uses any more.

@@ -30,7 +30,7 @@ use crate::model::{AccountId, Assignment, Principal};
 use crate::retry::Backoff;
 use crate::sso::{AssignmentApi, Operation, PermissionSet, RequestStatus};
 use async_trait::async_trait;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -320,6 +320,14 @@ where
         .await
     }
 
+    async fn assigned_to(&self, principal: &Principal) -> Result<Vec<(AccountId, String)>, AwsError> {
+        self.call_paged(
+            || self.inner.assigned_to(principal),
+            |out| pages(out.len()) - 1,
+        )
+        .await
+    }
+
     async fn start(
         &self,
         op: Operation,
@@ -330,6 +338,11 @@ where
 
     async fn status(&self, op: Operation, request_id: &str) -> Result<RequestStatus, AwsError> {
         self.call(|| self.inner.status(op, request_id)).await
+    }
+
+    async fn in_progress(&self, op: Operation) -> Result<BTreeSet<String>, AwsError> {
+        self.call_paged(|| self.inner.in_progress(op), |out| pages(out.len()) - 1)
+            .await
     }
 
     fn calls(&self) -> u64 {
@@ -545,6 +558,12 @@ mod tests {
         async fn status(&self, _: Operation, _: &str) -> Result<RequestStatus, AwsError> {
             unreachable!()
         }
+        async fn assigned_to(&self, _: &Principal) -> Result<Vec<(AccountId, String)>, AwsError> {
+            unreachable!()
+        }
+        async fn in_progress(&self, _: Operation) -> Result<BTreeSet<String>, AwsError> {
+            unreachable!()
+        }
         fn calls(&self) -> u64 {
             0
         }
@@ -623,6 +642,12 @@ mod tests {
         }
         async fn status(&self, _: Operation, _: &str) -> Result<RequestStatus, AwsError> {
             Ok(RequestStatus::Succeeded)
+        }
+        async fn assigned_to(&self, _: &Principal) -> Result<Vec<(AccountId, String)>, AwsError> {
+            Ok(vec![])
+        }
+        async fn in_progress(&self, _: Operation) -> Result<BTreeSet<String>, AwsError> {
+            Ok(BTreeSet::new())
         }
         fn calls(&self) -> u64 {
             self.calls.load(Ordering::Relaxed)

@@ -287,6 +287,11 @@ pub struct Report {
     pub ledger_forgotten: usize,
     /// Requests sent per service.
     pub calls: BTreeMap<String, u64>,
+    /// (account, permission set) pairs in play whose assignments were read this run; the
+    /// others were taken from the ledger and the unowned assignments last seen.
+    pub pairs_read: usize,
+    /// Pairs in play taken from the state table without a read.
+    pub pairs_trusted: usize,
 }
 
 impl Report {

@@ -5,7 +5,10 @@
 use crate::aws::AwsError;
 use crate::model::{AccountId, Assignment, Principal, PrincipalType};
 use async_trait::async_trait;
-use aws_sdk_ssoadmin::types::{PrincipalType as SdkPrincipalType, StatusValues, TargetType};
+use aws_sdk_ssoadmin::types::{
+    OperationStatusFilter, PrincipalType as SdkPrincipalType, StatusValues, TargetType,
+};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An Identity Center instance.
@@ -57,6 +60,9 @@ pub trait AssignmentApi: Send + Sync {
         account: &AccountId,
         permission_set_arn: &str,
     ) -> Result<Vec<Principal>, AwsError>;
+    /// Every (account, permission set) in which `principal` holds an assignment (paged to the
+    /// end): one read per principal instead of one per pair.
+    async fn assigned_to(&self, principal: &Principal) -> Result<Vec<(AccountId, String)>, AwsError>;
     /// Starts a creation or deletion; returns the request id and its first status.
     async fn start(
         &self,
@@ -65,6 +71,9 @@ pub trait AssignmentApi: Send + Sync {
     ) -> Result<(String, RequestStatus), AwsError>;
     /// Polls a request started by [`AssignmentApi::start`].
     async fn status(&self, op: Operation, request_id: &str) -> Result<RequestStatus, AwsError>;
+    /// The ids of the instance's creation (or deletion) requests still in progress (paged to
+    /// the end): one call tells which of many outstanding requests may have settled.
+    async fn in_progress(&self, op: Operation) -> Result<BTreeSet<String>, AwsError>;
     /// Requests sent so far.
     fn calls(&self) -> u64;
 }
@@ -265,6 +274,42 @@ impl AssignmentApi for SdkAssignments {
         .await
     }
 
+    async fn assigned_to(&self, principal: &Principal) -> Result<Vec<(AccountId, String)>, AwsError> {
+        const OP: &str = "ListAccountAssignmentsForPrincipal";
+        crate::rate::all_pages(|token| async move {
+            self.count();
+            let page = self
+                .client
+                .list_account_assignments_for_principal()
+                .instance_arn(&self.instance_arn)
+                .principal_type(sdk_principal_type(principal.principal_type))
+                .principal_id(&principal.principal_id)
+                .max_results(100)
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| AwsError::sdk(SERVICE, OP, e))?;
+            let pairs = page
+                .account_assignments
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| {
+                    let account = a.account_id.ok_or_else(|| {
+                        AwsError::malformed(SERVICE, OP, "an assignment without an account id")
+                    })?;
+                    let account = AccountId::try_from(account)
+                        .map_err(|e| AwsError::malformed(SERVICE, OP, e))?;
+                    let ps = a.permission_set_arn.ok_or_else(|| {
+                        AwsError::malformed(SERVICE, OP, "an assignment without a permission set")
+                    })?;
+                    Ok((account, ps))
+                })
+                .collect::<Result<Vec<_>, AwsError>>()?;
+            Ok((pairs, page.next_token))
+        })
+        .await
+    }
+
     async fn start(
         &self,
         op: Operation,
@@ -347,6 +392,58 @@ impl AssignmentApi for SdkAssignments {
         let status =
             status.ok_or_else(|| AwsError::malformed(SERVICE, name, "no status in the answer"))?;
         to_status(name, status.status, status.failure_reason)
+    }
+
+    async fn in_progress(&self, op: Operation) -> Result<BTreeSet<String>, AwsError> {
+        let filter = OperationStatusFilter::builder()
+            .status(StatusValues::InProgress)
+            .build();
+        let ids = crate::rate::all_pages(|token| {
+            let filter = filter.clone();
+            async move {
+                self.count();
+                let (statuses, next) = match op {
+                    Operation::Create => {
+                        let out = self
+                            .client
+                            .list_account_assignment_creation_status()
+                            .instance_arn(&self.instance_arn)
+                            .filter(filter)
+                            .max_results(100)
+                            .set_next_token(token)
+                            .send()
+                            .await
+                            .map_err(|e| {
+                                AwsError::sdk(SERVICE, "ListAccountAssignmentCreationStatus", e)
+                            })?;
+                        (out.account_assignments_creation_status, out.next_token)
+                    }
+                    Operation::Delete => {
+                        let out = self
+                            .client
+                            .list_account_assignment_deletion_status()
+                            .instance_arn(&self.instance_arn)
+                            .filter(filter)
+                            .max_results(100)
+                            .set_next_token(token)
+                            .send()
+                            .await
+                            .map_err(|e| {
+                                AwsError::sdk(SERVICE, "ListAccountAssignmentDeletionStatus", e)
+                            })?;
+                        (out.account_assignments_deletion_status, out.next_token)
+                    }
+                };
+                let ids: Vec<String> = statuses
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|s| s.request_id)
+                    .collect();
+                Ok((ids, next))
+            }
+        })
+        .await?;
+        Ok(ids.into_iter().collect())
     }
 
     fn calls(&self) -> u64 {

@@ -28,6 +28,8 @@ const RUN_PK: &str = "RUN";
 const MIRROR_PK: &str = "MIRROR";
 const SOURCE_PK: &str = "SOURCE";
 const LEASE_PK: &str = "LEASE";
+const SEEN_PK: &str = "SEEN";
+const AUDIT_PK: &str = "AUDIT";
 const LEASE_SK: &str = "apply";
 const SERVICE: &str = "dynamodb";
 /// DynamoDB's item limit is 400 KB; keep the stored report well under it.
@@ -132,6 +134,21 @@ pub trait StateStore: Send + Sync {
     async fn sources(&self) -> Result<Vec<SourceRecord>, AwsError>;
     /// Records a rule's group.
     async fn put_source(&self, source: &SourceRecord) -> Result<(), AwsError>;
+    /// Assignments a rule wants that existed without the tool creating them (unowned), as
+    /// last read: trusted like the ledger until the pair is read again.
+    async fn seen(&self) -> Result<Vec<Assignment>, AwsError>;
+    /// Records an unowned assignment that a rule wants.
+    async fn put_seen(&self, assignment: &Assignment) -> Result<(), AwsError>;
+    /// Forgets one.
+    async fn remove_seen(&self, assignment: &Assignment) -> Result<(), AwsError>;
+    /// When the rolling audit last read up to (seconds since the epoch), if ever.
+    async fn audit_cursor(&self) -> Result<Option<u64>, AwsError>;
+    /// Moves the rolling audit's cursor.
+    async fn put_audit_cursor(&self, at: u64) -> Result<(), AwsError>;
+    /// The clock leases and the audit go by (seconds since the epoch).
+    fn now_epoch(&self) -> u64 {
+        epoch_seconds()
+    }
     /// Takes the apply lease for `ttl_seconds` unless a live one is held by another run.
     async fn acquire_lease(&self, holder: &str, ttl_seconds: u64) -> Result<Lease, AwsError>;
     /// Extends the lease; `false` when it is no longer this run's.
@@ -483,6 +500,76 @@ impl StateStore for DynamoState {
             .item("sk", s(&source.rule))
             .item("entra_group_id", s(&source.entra_group_id))
             .item("members", AttributeValue::N(source.members.to_string()))
+            .item("updated_at", s(now_rfc3339()))
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "PutItem", e))?;
+        Ok(())
+    }
+
+    async fn seen(&self) -> Result<Vec<Assignment>, AwsError> {
+        self.partition(SEEN_PK, false, None)
+            .await?
+            .iter()
+            .map(|item| {
+                parse_entry(item)
+                    .map(|e| e.assignment)
+                    .map_err(|m| AwsError::malformed(SERVICE, "Query", format!("seen item: {m}")))
+            })
+            .collect()
+    }
+
+    async fn put_seen(&self, a: &Assignment) -> Result<(), AwsError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(SEEN_PK))
+            .item("sk", s(a.key()))
+            .item("account_id", s(a.account_id.as_str()))
+            .item("permission_set_arn", s(&a.permission_set_arn))
+            .item("principal_type", s(a.principal_type.as_str()))
+            .item("principal_id", s(&a.principal_id))
+            .item("updated_at", s(now_rfc3339()))
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "PutItem", e))?;
+        Ok(())
+    }
+
+    async fn remove_seen(&self, a: &Assignment) -> Result<(), AwsError> {
+        self.delete(SEEN_PK, &a.key()).await
+    }
+
+    async fn audit_cursor(&self) -> Result<Option<u64>, AwsError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(AUDIT_PK))
+            .key("sk", s("cursor"))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "GetItem", e))?;
+        let Some(item) = out.item else {
+            return Ok(None);
+        };
+        item.get("at")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                AwsError::malformed(SERVICE, "GetItem", "audit cursor: attribute at is not a number")
+            })
+    }
+
+    async fn put_audit_cursor(&self, at: u64) -> Result<(), AwsError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(AUDIT_PK))
+            .item("sk", s("cursor"))
+            .item("at", AttributeValue::N(at.to_string()))
             .item("updated_at", s(now_rfc3339()))
             .send()
             .await

@@ -296,6 +296,7 @@ async fn a_run_past_its_deadline_starts_nothing_more_and_the_next_run_continues(
         allow_deletions: None,
         target: Target::All,
         deadline: Some(std::time::Instant::now()),
+        full_read: false,
     };
     let report = s.run_request(&config, &request).await.unwrap();
     assert_eq!(report.outcome, Outcome::Partial);

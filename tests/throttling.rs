@@ -118,6 +118,7 @@ async fn apply(engine: &Engine) -> Report {
                 allow_deletions: None,
                 target: Target::All,
                 deadline: None,
+                full_read: false,
             },
         )
         .await

@@ -179,6 +179,7 @@ impl Stack {
             allow_deletions,
             target,
             deadline: None,
+            full_read: false,
         };
         self.run_request(config, &request).await
     }
