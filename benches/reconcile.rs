@@ -113,6 +113,8 @@ fn mib(bytes: isize) -> f64 {
 
 /// Mean time before an assignment request settles in the fakes (1–3 s).
 const MEAN_SETTLE: Duration = Duration::from_secs(2);
+/// Time between two runs after the first: the deployment's default schedule, `rate(15 minutes)`.
+const SCHEDULE: Duration = Duration::from_secs(15 * 60);
 /// Graph's smallest tenant budget, resource units per second.
 const GRAPH_UNITS_PER_SEC: f64 = 350.0;
 
@@ -142,6 +144,8 @@ struct Row {
     converged: bool,
     calls: BTreeMap<&'static str, u64>,
     throttled: u64,
+    pairs_read: usize,
+    pairs_trusted: usize,
     bound: Bound,
     simulated: Duration,
     plan_cpu: Duration,
@@ -221,11 +225,29 @@ fn bound(
         (wanted_groups as u64).min(pages(tenant.groups.len(), 100) as u64)
     };
     let sets = world.permission_sets.len();
+    // Reading the changed pairs: per pair, or per principal that holds or will hold an
+    // assignment there (each principal's pages over all its assignments), whichever is fewer.
+    let per_pair: u64 = pairs
+        .iter()
+        .map(|(a, ps)| pages(fakes.sso.count_assigned(a, ps), 100) as u64)
+        .sum();
+    let mut held: BTreeMap<Principal, usize> = BTreeMap::new();
+    for a in fakes.sso.assignments() {
+        *held.entry(a.principal()).or_default() += 1;
+    }
+    let involved: BTreeSet<Principal> = world
+        .desired(tenant)
+        .into_iter()
+        .chain(fakes.sso.assignments())
+        .filter(|a| pairs.contains(&(a.account_id.clone(), a.permission_set_arn.clone())))
+        .map(|a| a.principal())
+        .collect();
+    let per_principal: u64 = involved
+        .iter()
+        .map(|p| pages(held.get(p).copied().unwrap_or(0), 100) as u64)
+        .sum();
     b.sso = (pages(sets, 100) + sets) as u64
-        + pairs
-            .iter()
-            .map(|(a, ps)| pages(fakes.sso.count_assigned(a, ps), 100) as u64)
-            .sum::<u64>()
+        + per_pair.min(per_principal)
         + 2 * (changes.0 + changes.1) as u64;
     b.organizations = FakeOrganizations::snapshot_calls(&world.org, false).len() as u64 + 1;
 
@@ -390,7 +412,13 @@ fn run_case(
     let want = world.desired(&tenant);
     let creates = want.difference(&actual).count();
     let deletes = ledger.keys().filter(|a| !want.contains(*a)).count();
-    let bound = bound(world, &tenant, fakes, &pairs, (creates, deletes));
+    // The pairs a run must read before it acts: where the ground truth says something changes.
+    let changed: BTreeSet<(AccountId, String)> = want
+        .symmetric_difference(&actual)
+        .filter(|a| want.contains(*a) || ledger.contains_key(*a))
+        .map(|a| (a.account_id.clone(), a.permission_set_arn.clone()))
+        .collect();
+    let bound = bound(world, &tenant, fakes, &changed, (creates, deletes));
     drop((ledger, actual, tenant));
 
     fakes.reset_counts();
@@ -407,6 +435,7 @@ fn run_case(
         format!("{:?}", report.outcome),
     );
     let failures = report.failures.len();
+    let (pairs_read, pairs_trusted) = (report.pairs_read, report.pairs_trusted);
     drop(report);
     let retained_heap = CURRENT.load(Ordering::Relaxed) - base;
     if failures > 0 {
@@ -443,6 +472,8 @@ fn run_case(
         converged,
         calls,
         throttled,
+        pairs_read,
+        pairs_trusted,
         bound,
         simulated,
         plan_cpu,
@@ -491,12 +522,17 @@ fn run_size(spec: &Spec) -> (Vec<Row>, String) {
         spec.permission_sets,
     );
 
+    // Later runs come a schedule's interval after the one before, as in production; the
+    // rolling audit reads the slice of the period that passed since the last run started.
+    let interval = || rt.block_on(async { tokio::time::sleep(SCHEDULE).await });
     let mut rows = vec![run_case(&rt, &world, &fakes, &engine, "cold")];
+    interval();
     rows.push(run_case(&rt, &world, &fakes, &engine, "quiet"));
     let moved = fakes
         .directory
         .with_tenant(|t| world.change_memberships(t, 1.0, spec.seed + 100));
     let _ = write!(about, "; 1% case: {moved} direct memberships moved");
+    interval();
     rows.push(run_case(&rt, &world, &fakes, &engine, "1% changed"));
     (rows, about)
 }
@@ -588,13 +624,13 @@ fn secs(d: Duration) -> String {
 
 fn table(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| size | case | changes (+/−) | Graph calls (bound) | identitystore calls (bound) | sso-admin calls (bound) | organizations | DynamoDB | throttled | simulated wall | quota floor | ratio | plan CPU | run real time | peak heap (retained) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| size | case | changes (+/−) | Graph calls (bound) | identitystore calls (bound) | sso-admin calls (bound) | pairs read / in play | organizations | DynamoDB | throttled | simulated wall | quota floor | ratio | plan CPU | run real time | peak heap (retained) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let ratio = r.simulated.as_secs_f64() / r.bound.floor.as_secs_f64().max(1e-9);
         let _ = writeln!(
             t,
-            "| {} | {} | {} / {}{} | {} ({}) | {} ({}) | {} ({}) | {} ({}) | {} | {} | {} | {} | {:.2}× | {:.1} ms | {:.2} s | {:.1} MiB ({:.1}) |",
+            "| {} | {} | {} / {}{} | {} ({}) | {} ({}) | {} ({}) | {} / {} | {} ({}) | {} | {} | {} | {} | {:.2}× | {:.1} ms | {:.2} s | {:.1} MiB ({:.1}) |",
             r.size,
             r.case,
             r.creates,
@@ -606,6 +642,8 @@ fn table(rows: &[Row]) -> String {
             r.bound.identity_users + r.bound.identity_groups,
             r.calls["sso-admin"],
             r.bound.sso,
+            r.pairs_read,
+            r.pairs_read + r.pairs_trusted,
             r.calls["organizations"],
             r.bound.organizations,
             r.calls["dynamodb"],
@@ -619,7 +657,11 @@ fn table(rows: &[Row]) -> String {
             mib(r.retained_heap),
         );
         if r.outcome != "Applied" && r.outcome != "InSync" {
-            let _ = writeln!(t, "|  | outcome {} | | | | | | | | | | | | | |", r.outcome);
+            let _ = writeln!(
+                t,
+                "|  | outcome {} | | | | | | | | | | | | | | |",
+                r.outcome
+            );
         }
     }
     t

@@ -14,6 +14,7 @@ use crate::plan::{
 };
 use crate::report::{ChangeView, Failure, Outcome, Report, RuleView, Unresolved};
 use crate::scope::{self, Expansion, Organization, ScopeError};
+use crate::settle::{Settler, Woken};
 use crate::sso::{AssignmentApi, Operation, RequestStatus};
 use crate::state::{
     epoch_seconds, now_rfc3339, Lease, LedgerEntry, RunRecord, SourceRecord, StateStore,
@@ -22,7 +23,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use crate::settle::{Settler, Woken};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -595,7 +595,11 @@ impl Engine {
         let mut actual = BTreeSet::new();
         while let Some(joined) = tasks.join_next().await {
             let found = joined.map_err(|e| {
-                AwsError::malformed("sso-admin", "ListAccountAssignments", format!("task failed: {e}"))
+                AwsError::malformed(
+                    "sso-admin",
+                    "ListAccountAssignments",
+                    format!("task failed: {e}"),
+                )
             })??;
             // A principal's other pairs are outside this run's judgement.
             actual.extend(found.into_iter().filter(|a| observed.covers(a)));
@@ -1615,5 +1619,141 @@ impl Engine {
             )),
             settings: ApplySettings::default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PS: &str = "arn:aws:sso:::permissionSet/ssoins-1/ps-1";
+
+    fn acct(n: u32) -> AccountId {
+        AccountId::try_from(format!("{n:012}")).unwrap()
+    }
+
+    fn asg(account: u32, user: &str) -> Assignment {
+        Assignment {
+            account_id: acct(account),
+            permission_set_arn: PS.into(),
+            principal_type: PrincipalType::User,
+            principal_id: user.into(),
+        }
+    }
+
+    fn rule(accounts: &[u32], users: &[&str]) -> ResolvedRule {
+        ResolvedRule {
+            name: "r".into(),
+            permission_set_arn: PS.into(),
+            accounts: accounts.iter().map(|&a| acct(a)).collect(),
+            source: RuleSource::Resolved(
+                users
+                    .iter()
+                    .map(|u| Principal {
+                        principal_type: PrincipalType::User,
+                        principal_id: u.to_string(),
+                    })
+                    .collect(),
+            ),
+            hold_deletions: None,
+        }
+    }
+
+    fn owned(pending: bool) -> Owned {
+        Owned {
+            rules: BTreeSet::from(["r".to_string()]),
+            pending,
+        }
+    }
+
+    fn pairs(accounts: impl IntoIterator<Item = u32>) -> Observation {
+        Observation {
+            pairs: accounts.into_iter().map(|a| (acct(a), PS.into())).collect(),
+            principals: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn only_pairs_where_the_plan_may_act_are_read() {
+        // 1: in sync per the ledger. 2: a wanted assignment nobody vouches for. 3: a pending
+        // intent. 4: owned but no longer wanted. 5: wanted and seen unowned.
+        let rules = [rule(&[1, 2, 3, 5], &["u"])];
+        let ledger = BTreeMap::from([
+            (asg(1, "u"), owned(false)),
+            (asg(3, "u"), owned(true)),
+            (asg(4, "v"), owned(false)),
+        ]);
+        let seen = BTreeSet::from([asg(5, "u")]);
+        let read = pairs_to_read(&rules, &ledger, &seen, &pairs(1..=5), AuditSlice::Nothing);
+        assert_eq!(read, pairs([2, 3, 4]));
+        let all = pairs_to_read(
+            &rules,
+            &ledger,
+            &seen,
+            &pairs(1..=5),
+            AuditSlice::Everything,
+        );
+        assert_eq!(all, pairs(1..=5), "an audit of everything reads every pair");
+    }
+
+    #[test]
+    fn the_rolling_audit_reads_every_pair_once_per_period() {
+        let observed = pairs(0..2_000);
+        let (period_hours, step) = (24, 15 * 60);
+        let mut reads: BTreeMap<(AccountId, String), u32> = BTreeMap::new();
+        let mut cursor = Some(1_000_000);
+        for run in 1..=96 {
+            let now = 1_000_000 + run * step;
+            let slice = AuditSlice::since(cursor, now, period_hours);
+            for p in &observed.pairs {
+                if slice.contains(&p.0, &p.1) {
+                    *reads.entry(p.clone()).or_default() += 1;
+                }
+            }
+            cursor = Some(now);
+        }
+        assert_eq!(reads.len(), 2_000, "every pair read within the period");
+        assert!(reads.values().all(|&n| n == 1), "and only once");
+        // About 1/96 of the pairs per run.
+        let one = AuditSlice::since(Some(1_000_000), 1_000_000 + step, period_hours);
+        let n = observed
+            .pairs
+            .iter()
+            .filter(|p| one.contains(&p.0, &p.1))
+            .count();
+        assert!((5..=60).contains(&n), "{n} pairs in one slice");
+    }
+
+    #[test]
+    fn the_audit_reads_everything_without_a_cursor_after_a_period_or_with_period_zero() {
+        let everything = AuditSlice::Everything;
+        assert_eq!(AuditSlice::since(None, 10, 24), everything);
+        assert_eq!(AuditSlice::since(Some(10), 10 + 24 * 3600, 24), everything);
+        assert_eq!(AuditSlice::since(Some(10), 20, 0), everything);
+        assert_eq!(
+            AuditSlice::since(Some(20), 10, 24),
+            everything,
+            "clock went back"
+        );
+    }
+
+    #[test]
+    fn reads_go_per_principal_when_that_takes_fewer_calls() {
+        // One user in 300 accounts: 300 pair reads, or 3 pages of one principal's listing.
+        let accounts: Vec<u32> = (1..=300).collect();
+        let rules = [rule(&accounts, &["u"])];
+        let reads = choose_reads(&rules, &BTreeMap::new(), &pairs(accounts.iter().copied()));
+        assert_eq!(
+            reads,
+            vec![Read::Principal(Principal {
+                principal_type: PrincipalType::User,
+                principal_id: "u".into()
+            })]
+        );
+        // 300 users in one account: one pair (3 pages) beats 300 principals.
+        let users: Vec<String> = (0..300).map(|i| format!("u{i}")).collect();
+        let names: Vec<&str> = users.iter().map(String::as_str).collect();
+        let reads = choose_reads(&[rule(&[1], &names)], &BTreeMap::new(), &pairs([1]));
+        assert_eq!(reads, vec![Read::Pair(acct(1), PS.into())]);
     }
 }

@@ -471,6 +471,11 @@ impl FakeAssignments {
         self.data().add(a);
     }
 
+    /// Makes an assignment disappear at once (deleted by hand).
+    pub fn remove(&self, a: &Assignment) {
+        self.data().remove(a);
+    }
+
     /// The most creations that were outstanding at once.
     pub fn peak_outstanding_creations(&self) -> usize {
         lock(&self.data).peak_outstanding_creations
@@ -517,7 +522,10 @@ impl AssignmentApi for FakeAssignments {
         Ok(out)
     }
 
-    async fn assigned_to(&self, principal: &Principal) -> Result<Vec<(AccountId, String)>, AwsError> {
+    async fn assigned_to(
+        &self,
+        principal: &Principal,
+    ) -> Result<Vec<(AccountId, String)>, AwsError> {
         let out: Vec<(AccountId, String)> = self
             .svc
             .aws("ListAccountAssignmentsForPrincipal", || {
@@ -1348,7 +1356,6 @@ impl FakeState {
     pub fn with_data<R>(&self, f: impl FnOnce(&mut StateData) -> R) -> R {
         f(&mut lock(&self.data))
     }
-
 }
 
 #[async_trait]

@@ -320,7 +320,10 @@ where
         .await
     }
 
-    async fn assigned_to(&self, principal: &Principal) -> Result<Vec<(AccountId, String)>, AwsError> {
+    async fn assigned_to(
+        &self,
+        principal: &Principal,
+    ) -> Result<Vec<(AccountId, String)>, AwsError> {
         self.call_paged(
             || self.inner.assigned_to(principal),
             |out| pages(out.len()) - 1,

@@ -62,7 +62,10 @@ pub trait AssignmentApi: Send + Sync {
     ) -> Result<Vec<Principal>, AwsError>;
     /// Every (account, permission set) in which `principal` holds an assignment (paged to the
     /// end): one read per principal instead of one per pair.
-    async fn assigned_to(&self, principal: &Principal) -> Result<Vec<(AccountId, String)>, AwsError>;
+    async fn assigned_to(
+        &self,
+        principal: &Principal,
+    ) -> Result<Vec<(AccountId, String)>, AwsError>;
     /// Starts a creation or deletion; returns the request id and its first status.
     async fn start(
         &self,
@@ -274,7 +277,10 @@ impl AssignmentApi for SdkAssignments {
         .await
     }
 
-    async fn assigned_to(&self, principal: &Principal) -> Result<Vec<(AccountId, String)>, AwsError> {
+    async fn assigned_to(
+        &self,
+        principal: &Principal,
+    ) -> Result<Vec<(AccountId, String)>, AwsError> {
         const OP: &str = "ListAccountAssignmentsForPrincipal";
         crate::rate::all_pages(|token| async move {
             self.count();

@@ -559,7 +559,11 @@ impl StateStore for DynamoState {
             .and_then(|n| n.parse().ok())
             .map(Some)
             .ok_or_else(|| {
-                AwsError::malformed(SERVICE, "GetItem", "audit cursor: attribute at is not a number")
+                AwsError::malformed(
+                    SERVICE,
+                    "GetItem",
+                    "audit cursor: attribute at is not a number",
+                )
             })
     }
 

@@ -264,7 +264,9 @@ async fn an_unknown_permission_set_name_stops_the_run_before_any_change() {
 #[tokio::test]
 async fn an_assignment_deleted_by_hand_is_recreated_and_stays_owned() {
     let s = Stack::new().await;
-    let config = s.config(ADMINS_BOTH);
+    let mut config = s.config(ADMINS_BOTH);
+    // A period so long that the seconds between these runs audit no pair by chance.
+    config.audit.period_hours = u32::MAX;
     s.run(&config, Mode::Apply).await;
     let sso = aws_sdk_ssoadmin::Client::new(&s.account.sdk_config);
     sso.delete_account_assignment()
@@ -277,7 +279,21 @@ async fn an_assignment_deleted_by_hand_is_recreated_and_stays_owned() {
         .send()
         .await
         .unwrap();
+    // A run moments later trusts the ledger for this pair (the rolling audit reaches it
+    // within audit.period_hours); an audit now (--full-read) reads it and puts it back.
     let report = s.run(&config, Mode::Apply).await;
+    assert!(report.creates.is_empty(), "{}", report.to_text());
+    assert!(report.pairs_trusted > 0);
+    let audit = RunRequest {
+        mode: Mode::Apply,
+        trigger: "test".into(),
+        allow_deletions: None,
+        target: Target::All,
+        deadline: None,
+        full_read: true,
+    };
+    let report = s.run_request(&config, &audit).await.unwrap();
+    assert_eq!(report.pairs_trusted, 0);
     assert_eq!(report.creates.len(), 1);
     assert_eq!(report.ledger_forgotten, 1);
     assert_eq!(s.assigned(ACCOUNT_A, &s.admin_ps).await, s.groups(&[110]));

@@ -226,3 +226,90 @@ async fn a_server_stricter_than_the_executor_throttles_and_every_change_still_la
         "every refusal was seen and retried"
     );
 }
+
+/// Calls of one sso-admin operation since the fakes were made.
+fn calls_of(fakes: &Fakes, op: &str) -> u64 {
+    fakes.sso.service().counts().get(op).map_or(0, |c| c.calls)
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_listing_settles_many_requests_and_a_failed_listing_falls_back_to_polling() {
+    fastrand::seed(8);
+    let fakes = fakes(SsoSettings::default());
+    let engine = with_quotas(fakes.engine(ApplySettings::default()));
+    let report = apply(&engine).await;
+    assert_converged(&fakes, &report, &desired(0..100));
+    let (describes, lists) = (
+        calls_of(&fakes, "DescribeAccountAssignmentCreationStatus"),
+        calls_of(&fakes, "ListAccountAssignmentCreationStatus"),
+    );
+    println!("batched: {describes} status reads and {lists} listings for 1,000 creations");
+    // Each request reads its final status once, after a listing said it settled.
+    assert_eq!(describes, 1_000, "one final status read per creation");
+    assert!(lists > 0 && lists < 1_000, "{lists} listings");
+
+    // Listing refused (as by moto, or a role without the permission): every request polls
+    // its own status, and every change still lands.
+    fastrand::seed(8);
+    let fakes = self::fakes(SsoSettings::default());
+    fakes.sso.service().fail_next(
+        "ListAccountAssignmentCreationStatus",
+        "AccessDeniedException",
+        1,
+    );
+    let engine = with_quotas(fakes.engine(ApplySettings::default()));
+    let report = apply(&engine).await;
+    assert_converged(&fakes, &report, &desired(0..100));
+    assert_eq!(
+        calls_of(&fakes, "ListAccountAssignmentCreationStatus"),
+        1,
+        "no listing after the first refusal"
+    );
+    let polls = calls_of(&fakes, "DescribeAccountAssignmentCreationStatus");
+    println!("fallback: {polls} status polls for 1,000 creations");
+    assert!(polls > describes, "polling each request costs more reads");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_run_trusts_the_ledger_and_the_audit_catches_a_deletion_made_by_hand() {
+    fastrand::seed(9);
+    let fakes = fakes(SsoSettings::default());
+    let engine = with_quotas(fakes.engine(ApplySettings::default()));
+    let want = desired(0..100);
+    let report = apply(&engine).await;
+    assert_converged(&fakes, &report, &want);
+    assert_eq!(
+        report.pairs_read, ACCOUNTS,
+        "the first run reads every pair"
+    );
+
+    // Someone deletes an owned assignment by hand; the next run, minutes later, trusts the
+    // ledger for every pair where nothing is to change and reads (almost) nothing.
+    let victim = want.iter().next().unwrap().clone();
+    fakes.sso.remove(&victim);
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    let before = fakes.sso.service().calls();
+    let report = apply(&engine).await;
+    assert!(report.creates.is_empty(), "{}", report.to_text());
+    assert_eq!(report.pairs_read + report.pairs_trusted, ACCOUNTS);
+    assert!(
+        report.pairs_read < ACCOUNTS,
+        "a quiet run read {} of {ACCOUNTS} pairs",
+        report.pairs_read
+    );
+    assert!(fakes.sso.service().calls() - before < 10);
+
+    // A full period later the audit has read every pair and put the assignment back.
+    tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)).await;
+    let report = apply(&engine).await;
+    assert_eq!(report.pairs_read, ACCOUNTS);
+    assert_eq!(report.creates.len(), 1);
+    assert_eq!(
+        (
+            report.creates[0].account_id.as_str(),
+            report.creates[0].principal_id.as_str()
+        ),
+        (victim.account_id.as_str(), victim.principal_id.as_str())
+    );
+    assert_converged(&fakes, &report, &want);
+}
