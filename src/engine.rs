@@ -17,14 +17,17 @@ use crate::scope::{self, Expansion, Organization, ScopeError};
 use crate::settle::{Settler, Woken};
 use crate::sso::{AssignmentApi, Operation, RequestStatus};
 use crate::state::{
-    epoch_seconds, now_rfc3339, Lease, LedgerEntry, RunRecord, SourceRecord, StateStore,
+    epoch_seconds, now_rfc3339, CarriedPlan, Lease, LedgerEntry, RunRecord, SourceRecord,
+    StateStore,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// Tokio's clock (the system's, unless a test or the benchmark pauses it).
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 /// Reads of current assignments in flight at once.
 const READ_CONCURRENCY: usize = 8;
@@ -147,6 +150,9 @@ pub struct ApplySettings {
     /// about this long of its request settling. At 250 ms the listing takes 4 of sso-admin's
     /// 20 requests per second and the creations and their final reads fit in the rest.
     pub list_every: Duration,
+    /// How long creations left at a deadline are carried to the next runs without reading
+    /// their pairs again (counted from when the pairs were read).
+    pub carry_for: Duration,
     /// Give up waiting on one request after this long (it stays pending in the ledger).
     pub settle_timeout: Duration,
     /// How long the apply lease lives unless renewed (renewed every third of it): a run that
@@ -161,6 +167,7 @@ impl Default for ApplySettings {
             poll_first: Duration::from_millis(1500),
             poll_every: Duration::from_secs(1),
             list_every: Duration::from_millis(250),
+            carry_for: Duration::from_secs(3600),
             settle_timeout: Duration::from_secs(600),
             lease_ttl_seconds: 60,
         }
@@ -211,6 +218,18 @@ pub(crate) struct Gathered {
     pub(crate) mirror_sources: BTreeMap<String, mirror::Source>,
     /// Display names of mirror groups created by this run.
     pub(crate) created_mirrors: Vec<String>,
+}
+
+/// What an apply did not do.
+struct Applied {
+    /// Changes that failed.
+    failures: Vec<Failure>,
+    /// Changes not started because the run had to stop (deadline or lease).
+    deferred: usize,
+    /// The creations among them, for the next run.
+    left_creates: Vec<Assignment>,
+    /// Things a person should know.
+    warnings: Vec<String>,
 }
 
 /// When to stop starting changes: the deadline, or the lease lost.
@@ -433,7 +452,19 @@ impl Engine {
         } else {
             AuditSlice::Nothing
         };
-        let to_read = pairs_to_read(&g.rules, &owned, &seen, &observed, slice);
+        // Creations the last run planned but did not reach before its deadline: their pairs
+        // were read then and found without them, so for a while they need not be read again.
+        let carried = if full {
+            self.state
+                .carried_plan()
+                .await?
+                .filter(|p| now.saturating_sub(p.read_at) <= self.settings.carry_for.as_secs())
+        } else {
+            None
+        };
+        let carried_keys: BTreeSet<Key<'_>> =
+            carried.iter().flat_map(|p| &p.creates).map(key).collect();
+        let to_read = pairs_to_read(&g.rules, &owned, &seen, &carried_keys, &observed, slice);
         let believed: Vec<&Assignment> = owned
             .iter()
             .filter(|(_, o)| !o.pending)
@@ -473,10 +504,30 @@ impl Engine {
 
         let (mut failures, mut deferred) = (mirror_failures, 0);
         if req.mode == Mode::Apply {
-            let (f, d, w) = self.apply(&plan, &g, &run_id, stop).await;
-            failures.extend(f);
-            deferred = d;
-            g.warnings.extend(w);
+            let applied = self.apply(&plan, &g, &run_id, stop).await;
+            failures.extend(applied.failures);
+            deferred = applied.deferred;
+            g.warnings.extend(applied.warnings);
+            if full && (carried.is_some() || !applied.left_creates.is_empty()) {
+                let read_at = match &carried {
+                    Some(c)
+                        if applied
+                            .left_creates
+                            .iter()
+                            .any(|a| carried_keys.contains(&key(a))) =>
+                    {
+                        c.read_at
+                    }
+                    _ => now,
+                };
+                let next = CarriedPlan {
+                    read_at,
+                    creates: applied.left_creates,
+                };
+                if let Err(e) = self.state.put_carried_plan(&next).await {
+                    tracing::warn!(error = %e, "could not carry the plan; the next run reads its pairs again");
+                }
+            }
             if deferred == 0 && stop.lease_lost.load(Ordering::SeqCst) {
                 failures.push(Failure {
                     change: ChangeView::default(),
@@ -1063,17 +1114,11 @@ impl Engine {
     }
 
     /// Applies a plan: ledger housekeeping, then creations, then deletions, each request
-    /// polled until it settles. Returns the changes that failed, and how many were not started
-    /// because the deadline passed.
-    async fn apply(
-        &self,
-        plan: &plan::Plan,
-        g: &Gathered,
-        run_id: &str,
-        stop: &Stop,
-    ) -> (Vec<Failure>, usize, Vec<String>) {
+    /// waited on until it settles.
+    async fn apply(&self, plan: &plan::Plan, g: &Gathered, run_id: &str, stop: &Stop) -> Applied {
         let names = &g.principal_names;
         let mut deferred = 0;
+        let mut left_creates = Vec::new();
         let mut warnings = Vec::new();
         let mut failures = Vec::new();
         let fail = |c: &Assignment, op: &str, e: String| Failure {
@@ -1164,7 +1209,12 @@ impl Engine {
                     }
                 }
                 match joined {
-                    Ok((_, None)) => deferred += 1,
+                    Ok((change, None)) => {
+                        deferred += 1;
+                        if op == Operation::Create {
+                            left_creates.push(change.assignment);
+                        }
+                    }
                     Ok((_, Some(Ok(())))) => {}
                     Ok((change, Some(Err(e)))) => {
                         tracing::error!(assignment = %change.assignment, error = e, "change failed");
@@ -1194,7 +1244,13 @@ impl Engine {
         if deferred > 0 {
             tracing::warn!(deferred, "deadline reached: changes left for the next run");
         }
-        (failures, deferred, warnings)
+        left_creates.sort();
+        Applied {
+            failures,
+            deferred,
+            left_creates,
+            warnings,
+        }
     }
 
     /// One creation or deletion, with its ledger bookkeeping around it. `slot` is one of the
@@ -1396,13 +1452,14 @@ fn position(account: &AccountId, permission_set_arn: &str) -> f64 {
 }
 
 /// The pairs of `observed` to read this run: those where the plan may act (a wanted
-/// assignment the state table does not vouch for, an owned one no rule wants, a pending
-/// intent) and the audit's slice. Every change is thus decided on a fresh read; only pairs
+/// assignment the state table does not vouch for, as existing or as carried absent; an owned
+/// one no rule wants; a pending intent) and the audit's slice. Every change is thus decided on a fresh read; only pairs
 /// where the state table says there is nothing to do are trusted.
 fn pairs_to_read(
     rules: &[ResolvedRule],
     owned: &BTreeMap<Assignment, Owned>,
     seen: &BTreeSet<Assignment>,
+    carried: &BTreeSet<Key<'_>>,
     observed: &Observation,
     slice: AuditSlice,
 ) -> Observation {
@@ -1415,7 +1472,7 @@ fn pairs_to_read(
     let desired = desired_keys(rules);
     let mut read: BTreeSet<(&str, &str)> = desired
         .iter()
-        .filter(|k| !believed.contains(*k))
+        .filter(|k| !believed.contains(*k) && !carried.contains(*k))
         .map(|k| (k.0, k.1))
         .collect();
     for (a, o) in owned {
@@ -1684,16 +1741,37 @@ mod tests {
             (asg(4, "v"), owned(false)),
         ]);
         let seen = BTreeSet::from([asg(5, "u")]);
-        let read = pairs_to_read(&rules, &ledger, &seen, &pairs(1..=5), AuditSlice::Nothing);
+        let none = BTreeSet::new();
+        let read = pairs_to_read(
+            &rules,
+            &ledger,
+            &seen,
+            &none,
+            &pairs(1..=5),
+            AuditSlice::Nothing,
+        );
         assert_eq!(read, pairs([2, 3, 4]));
         let all = pairs_to_read(
             &rules,
             &ledger,
             &seen,
+            &none,
             &pairs(1..=5),
             AuditSlice::Everything,
         );
         assert_eq!(all, pairs(1..=5), "an audit of everything reads every pair");
+        // A creation carried from the last run, its pair read then: not read again.
+        let carried = asg(2, "u");
+        let carried = BTreeSet::from([key(&carried)]);
+        let read = pairs_to_read(
+            &rules,
+            &ledger,
+            &seen,
+            &carried,
+            &pairs(1..=5),
+            AuditSlice::Nothing,
+        );
+        assert_eq!(read, pairs([3, 4]));
     }
 
     #[test]

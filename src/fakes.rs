@@ -1317,6 +1317,8 @@ pub struct StateData {
     pub seen: BTreeSet<Assignment>,
     /// The rolling audit's cursor.
     pub audit_cursor: Option<u64>,
+    /// Creations carried to the next run.
+    pub carried: Option<crate::state::CarriedPlan>,
 }
 
 /// The state table in memory. Its clock (for lease expiry) is the wall-clock epoch when it was
@@ -1395,6 +1397,35 @@ impl StateStore for FakeState {
         self.svc
             .aws("GetItem", || Ok(lock(&self.data).audit_cursor))
             .await
+    }
+
+    async fn carried_plan(&self) -> Result<Option<crate::state::CarriedPlan>, AwsError> {
+        let plan = lock(&self.data).carried.clone();
+        let chunks = plan
+            .as_ref()
+            .map_or(0, |p| p.creates.len().div_ceil(2_000).max(1));
+        self.svc
+            .aws_pages("Query", chunks.max(1), || Ok(()))
+            .await?;
+        Ok(plan)
+    }
+
+    async fn put_carried_plan(&self, plan: &crate::state::CarriedPlan) -> Result<(), AwsError> {
+        let old = lock(&self.data)
+            .carried
+            .as_ref()
+            .map_or(0, |p| p.creates.len().div_ceil(2_000).max(1));
+        let new = plan.creates.len().div_ceil(2_000);
+        // The production adapter's requests: a query, a delete per old chunk, a put per new one.
+        self.svc.aws("Query", || Ok(())).await?;
+        for _ in 0..old {
+            self.svc.aws("DeleteItem", || Ok(())).await?;
+        }
+        for _ in 0..new {
+            self.svc.aws("PutItem", || Ok(())).await?;
+        }
+        lock(&self.data).carried = (!plan.creates.is_empty()).then(|| plan.clone());
+        Ok(())
     }
 
     async fn put_audit_cursor(&self, at: u64) -> Result<(), AwsError> {

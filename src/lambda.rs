@@ -1187,7 +1187,8 @@ impl App {
             trigger: invocation.trigger,
             allow_deletions,
             target,
-            deadline: lambda_deadline.map(|d| run_deadline(d, Instant::now())),
+            deadline: lambda_deadline
+                .map(|d| tokio::time::Instant::from_std(run_deadline(d, Instant::now()))),
             full_read: false,
         };
         let report = match engine.run(&config, &request).await {

@@ -160,6 +160,29 @@ impl Assignment {
             self.account_id, self.permission_set_arn, self.principal_type, self.principal_id
         )
     }
+
+    /// The assignment a [`Assignment::key`] stands for, or what is wrong with the text.
+    pub fn from_key(key: &str) -> Result<Assignment, String> {
+        let mut parts = key.splitn(4, '#');
+        let (Some(account), Some(ps), Some(kind), Some(id)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!(
+                "{key:?} is not account#permission set#type#principal"
+            ));
+        };
+        let principal_type = PrincipalType::parse(kind)
+            .ok_or_else(|| format!("{key:?}: {kind:?} is not USER or GROUP"))?;
+        if ps.is_empty() || id.is_empty() {
+            return Err(format!("{key:?}: empty permission set or principal"));
+        }
+        Ok(Assignment {
+            account_id: AccountId::try_from(account.to_string())?,
+            permission_set_arn: ps.to_string(),
+            principal_type,
+            principal_id: id.to_string(),
+        })
+    }
 }
 
 impl fmt::Display for Assignment {
@@ -224,6 +247,25 @@ mod tests {
             "AWS Platform Admins",
         ] {
             assert!(Guid::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn assignment_keys_read_back() {
+        let a = Assignment {
+            account_id: AccountId::try_from("000000000042".to_string()).unwrap(),
+            permission_set_arn: "arn:aws:sso:::permissionSet/ssoins-1/ps-1".into(),
+            principal_type: PrincipalType::Group,
+            principal_id: "9067c6f2b2-g1".into(),
+        };
+        assert_eq!(Assignment::from_key(&a.key()), Ok(a));
+        for bad in [
+            "",
+            "000000000042#arn",
+            "000000000042#arn#ROLE#x",
+            "42#arn#USER#x",
+        ] {
+            assert!(Assignment::from_key(bad).is_err(), "{bad}");
         }
     }
 

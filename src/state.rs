@@ -30,6 +30,20 @@ const SOURCE_PK: &str = "SOURCE";
 const LEASE_PK: &str = "LEASE";
 const SEEN_PK: &str = "SEEN";
 const AUDIT_PK: &str = "AUDIT";
+const PLAN_PK: &str = "PLAN";
+/// Creations per item of a carried plan: keys are about 150 bytes, items at most 400 KB.
+const PLAN_CHUNK: usize = 2_000;
+
+/// Creations a run planned but did not start before its deadline, carried to the next run so
+/// it need not read their pairs again. `read_at` is when their pairs were read (and found
+/// without them): carrying a plan never makes that older read look newer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CarriedPlan {
+    /// When the pairs were read (seconds since the epoch, the state table's clock).
+    pub read_at: u64,
+    /// The creations left.
+    pub creates: Vec<Assignment>,
+}
 const LEASE_SK: &str = "apply";
 const SERVICE: &str = "dynamodb";
 /// DynamoDB's item limit is 400 KB; keep the stored report well under it.
@@ -145,6 +159,10 @@ pub trait StateStore: Send + Sync {
     async fn audit_cursor(&self) -> Result<Option<u64>, AwsError>;
     /// Moves the rolling audit's cursor.
     async fn put_audit_cursor(&self, at: u64) -> Result<(), AwsError>;
+    /// The creations the last run left at its deadline, if any.
+    async fn carried_plan(&self) -> Result<Option<CarriedPlan>, AwsError>;
+    /// Replaces the carried plan (an empty one clears it).
+    async fn put_carried_plan(&self, plan: &CarriedPlan) -> Result<(), AwsError>;
     /// The clock leases and the audit go by (seconds since the epoch).
     fn now_epoch(&self) -> u64 {
         epoch_seconds()
@@ -578,6 +596,68 @@ impl StateStore for DynamoState {
             .send()
             .await
             .map_err(|e| AwsError::sdk(SERVICE, "PutItem", e))?;
+        Ok(())
+    }
+
+    async fn carried_plan(&self) -> Result<Option<CarriedPlan>, AwsError> {
+        let items = self.partition(PLAN_PK, false, None).await?;
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let malformed =
+            |m: String| AwsError::malformed(SERVICE, "Query", format!("plan item: {m}"));
+        let mut plan = CarriedPlan::default();
+        for (i, item) in items.iter().enumerate() {
+            let read_at: u64 = item
+                .get("read_at")
+                .and_then(|v| v.as_n().ok())
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| malformed("read_at is not a number".into()))?;
+            if i > 0 && read_at != plan.read_at {
+                return Err(malformed(
+                    "its chunks were written by different runs".into(),
+                ));
+            }
+            plan.read_at = read_at;
+            let Some(AttributeValue::L(keys)) = item.get("creates") else {
+                return Err(malformed("creates is not a list".into()));
+            };
+            for k in keys {
+                let k = k
+                    .as_s()
+                    .map_err(|_| malformed("creates holds a non-string".into()))?;
+                plan.creates
+                    .push(Assignment::from_key(k).map_err(malformed)?);
+            }
+        }
+        Ok(Some(plan))
+    }
+
+    async fn put_carried_plan(&self, plan: &CarriedPlan) -> Result<(), AwsError> {
+        // Old chunks go first: a crash in between leaves no plan (the next run reads), never a
+        // mix of two plans.
+        for item in self.partition(PLAN_PK, false, None).await? {
+            self.delete(
+                PLAN_PK,
+                get_s(&item, "sk").map_err(|m| AwsError::malformed(SERVICE, "Query", m))?,
+            )
+            .await?;
+        }
+        for (i, chunk) in plan.creates.chunks(PLAN_CHUNK).enumerate() {
+            self.client
+                .put_item()
+                .table_name(&self.table)
+                .item("pk", s(PLAN_PK))
+                .item("sk", s(format!("chunk#{i:05}")))
+                .item("read_at", AttributeValue::N(plan.read_at.to_string()))
+                .item(
+                    "creates",
+                    AttributeValue::L(chunk.iter().map(|a| s(a.key())).collect()),
+                )
+                .send()
+                .await
+                .map_err(|e| AwsError::sdk(SERVICE, "PutItem", e))?;
+        }
         Ok(())
     }
 

@@ -311,7 +311,7 @@ async fn a_run_past_its_deadline_starts_nothing_more_and_the_next_run_continues(
         trigger: "test".into(),
         allow_deletions: None,
         target: Target::All,
-        deadline: Some(std::time::Instant::now()),
+        deadline: Some(tokio::time::Instant::now()),
         full_read: false,
     };
     let report = s.run_request(&config, &request).await.unwrap();
