@@ -8,6 +8,7 @@ use devstack::graph::Fault;
 use devstack::moto;
 use entra_sso_sync::engine::{EngineError, Mode, RunRequest, Target};
 use entra_sso_sync::report::Outcome;
+use entra_sso_sync::state::StateStore;
 use std::collections::BTreeSet;
 
 const ADMINS_BOTH: &str = "  - name: admins\n    entra_group: Platform Admins\n    permission_set: AdministratorAccess\n    accounts: [\"111111111111\", \"222222222222\"]\n";
@@ -305,7 +306,9 @@ async fn an_assignment_deleted_by_hand_is_recreated_and_stays_owned() {
 #[tokio::test]
 async fn a_run_past_its_deadline_starts_nothing_more_and_the_next_run_continues() {
     let s = Stack::new().await;
-    let config = s.config(DEVS_MEMBERS);
+    let mut config = s.config(DEVS_MEMBERS);
+    // A period so long that the seconds between these runs audit no pair by chance.
+    config.audit.period_hours = u32::MAX;
     let request = RunRequest {
         mode: Mode::Apply,
         trigger: "test".into(),
@@ -319,11 +322,22 @@ async fn a_run_past_its_deadline_starts_nothing_more_and_the_next_run_continues(
     assert_eq!(report.outcome.exit_code(), 4);
     assert_eq!(report.deferred, 4);
     assert!(s.assigned(ACCOUNT_B, &s.read_ps).await.is_empty());
+    // The creations left are carried in the state table for the next run.
+    let state = s.engine(&config).await.state;
+    let carried = state.carried_plan().await.unwrap().expect("a carried plan");
+    assert_eq!(carried.creates.len(), 4);
+    assert!(carried
+        .creates
+        .iter()
+        .all(|a| a.account_id.as_str() == ACCOUNT_B));
 
+    // The next run makes them without reading their pair again, and clears the plan.
     let report = s.run(&config, Mode::Apply).await;
     assert_eq!(report.outcome, Outcome::Applied);
+    assert_eq!(report.pairs_read, 0, "{}", report.to_text());
     assert_eq!(
         s.assigned(ACCOUNT_B, &s.read_ps).await,
         s.users(&[3, 4, 5, 6])
     );
+    assert_eq!(state.carried_plan().await.unwrap(), None);
 }
