@@ -5,7 +5,7 @@
 use crate::aws::AwsError;
 use crate::config::{AssignMode, Config, GroupRef, PermissionSetRef, Protected, Rule};
 use crate::directory::{DirGroup, DirUser, Directory, DirectoryError};
-use crate::identity::{self, IdentityStore, Kind, Strategy, Wanted};
+use crate::identity::{self, IdentityStore, Kind, Wanted};
 use crate::mirror;
 use crate::model::{AccountId, Assignment, Guid, Principal, PrincipalType};
 use crate::organizations::OrganizationApi;
@@ -1102,15 +1102,14 @@ impl Engine {
         Ok(sets)
     }
 
-    /// Identity-store ids for Entra objects, by the cheaper strategy.
+    /// Identity-store ids for Entra objects, in about the fewer calls of listing and look-ups.
     async fn find_principals(
         &self,
         kind: Kind,
         wanted: BTreeSet<Wanted>,
     ) -> Result<BTreeMap<String, String>, EngineError> {
         let wanted: Vec<Wanted> = wanted.into_iter().collect();
-        let strategy = Strategy::choose(wanted.len(), None);
-        Ok(identity::resolve(self.identity.as_ref(), kind, &wanted, strategy).await?)
+        Ok(identity::resolve(self.identity.as_ref(), kind, &wanted).await?)
     }
 
     /// Applies a plan: ledger housekeeping, then creations, then deletions, each request

@@ -766,18 +766,39 @@ impl IdentityStore for FakeIdentityStore {
             .await
     }
 
-    async fn list(&self, kind: Kind) -> Result<Vec<StoreEntry>, AwsError> {
-        let (op, entries) = {
-            let d = lock(&self.data);
-            match kind {
-                Kind::User => ("ListUsers", d.users.values().cloned().collect::<Vec<_>>()),
-                Kind::Group => ("ListGroups", d.groups.values().cloned().collect()),
+    async fn list_page(
+        &self,
+        kind: Kind,
+        token: Option<String>,
+    ) -> Result<(Vec<StoreEntry>, Option<String>), AwsError> {
+        let op = match kind {
+            Kind::User => "ListUsers",
+            Kind::Group => "ListGroups",
+        };
+        let from: usize = match token.as_deref().map(str::parse) {
+            None => 0,
+            Some(Ok(n)) => n,
+            Some(Err(_)) => {
+                return Err(AwsError::malformed("identitystore", op, "bad next token"));
             }
         };
         self.svc
-            .aws_pages(op, pages(entries.len(), 100), || Ok(()))
-            .await?;
-        Ok(entries)
+            .aws(op, || {
+                let d = lock(&self.data);
+                let all: Vec<&StoreEntry> = match kind {
+                    Kind::User => d.users.values().collect(),
+                    Kind::Group => d.groups.values().collect(),
+                };
+                let page = all
+                    .iter()
+                    .skip(from)
+                    .take(100)
+                    .map(|e| (*e).clone())
+                    .collect();
+                let next = (from + 100 < all.len()).then(|| (from + 100).to_string());
+                Ok((page, next))
+            })
+            .await
     }
 
     async fn create_group(
@@ -1786,7 +1807,16 @@ mod tests {
                 Some(&format!("e-{n}")),
             );
         }
-        assert_eq!(ids.list(Kind::User).await.unwrap().len(), 250);
+        let (mut listed, mut token) = (0, None);
+        loop {
+            let (page, next) = ids.list_page(Kind::User, token).await.unwrap();
+            listed += page.len();
+            token = next;
+            if token.is_none() {
+                break;
+            }
+        }
+        assert_eq!(listed, 250);
         assert_eq!(ids.service().counts()["ListUsers"].calls, 3);
         assert_eq!(
             ids.find(Kind::User, "user7@X").await.unwrap().as_deref(),

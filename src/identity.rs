@@ -37,7 +37,12 @@ pub trait IdentityStore: Send + Sync {
     /// The id of the user with this `userName` or group with this `displayName`.
     async fn find(&self, kind: Kind, name: &str) -> Result<Option<String>, AwsError>;
     /// Every user or group of the store (paged to the end).
-    async fn list(&self, kind: Kind) -> Result<Vec<StoreEntry>, AwsError>;
+    /// One page (up to 100) of the store's users or groups, and the token of the next page.
+    async fn list_page(
+        &self,
+        kind: Kind,
+        token: Option<String>,
+    ) -> Result<(Vec<StoreEntry>, Option<String>), AwsError>;
     /// Creates a group; returns its id.
     async fn create_group(&self, display_name: &str, description: &str)
         -> Result<String, AwsError>;
@@ -129,50 +134,51 @@ impl IdentityStore for SdkIdentityStore {
         }
     }
 
-    async fn list(&self, kind: Kind) -> Result<Vec<StoreEntry>, AwsError> {
+    async fn list_page(
+        &self,
+        kind: Kind,
+        token: Option<String>,
+    ) -> Result<(Vec<StoreEntry>, Option<String>), AwsError> {
         let ids = |x: Option<Vec<aws_sdk_identitystore::types::ExternalId>>| {
             x.unwrap_or_default().into_iter().map(|x| x.id).collect()
         };
-        crate::rate::all_pages(|token| async move {
-            self.count();
-            Ok(match kind {
-                Kind::User => {
-                    let page = self
-                        .client
-                        .list_users()
-                        .identity_store_id(&self.store_id)
-                        .max_results(100)
-                        .set_next_token(token)
-                        .send()
-                        .await
-                        .map_err(|e| AwsError::sdk(SERVICE, "ListUsers", e))?;
-                    let entries = page.users.into_iter().map(|u| StoreEntry {
-                        name: u.user_name.unwrap_or_default(),
-                        external_ids: ids(u.external_ids),
-                        id: u.user_id,
-                    });
-                    (entries.collect(), page.next_token)
-                }
-                Kind::Group => {
-                    let page = self
-                        .client
-                        .list_groups()
-                        .identity_store_id(&self.store_id)
-                        .max_results(100)
-                        .set_next_token(token)
-                        .send()
-                        .await
-                        .map_err(|e| AwsError::sdk(SERVICE, "ListGroups", e))?;
-                    let entries = page.groups.into_iter().map(|g| StoreEntry {
-                        name: g.display_name.unwrap_or_default(),
-                        external_ids: ids(g.external_ids),
-                        id: g.group_id,
-                    });
-                    (entries.collect(), page.next_token)
-                }
-            })
+        self.count();
+        Ok(match kind {
+            Kind::User => {
+                let page = self
+                    .client
+                    .list_users()
+                    .identity_store_id(&self.store_id)
+                    .max_results(100)
+                    .set_next_token(token)
+                    .send()
+                    .await
+                    .map_err(|e| AwsError::sdk(SERVICE, "ListUsers", e))?;
+                let entries = page.users.into_iter().map(|u| StoreEntry {
+                    name: u.user_name.unwrap_or_default(),
+                    external_ids: ids(u.external_ids),
+                    id: u.user_id,
+                });
+                (entries.collect(), page.next_token.filter(|t| !t.is_empty()))
+            }
+            Kind::Group => {
+                let page = self
+                    .client
+                    .list_groups()
+                    .identity_store_id(&self.store_id)
+                    .max_results(100)
+                    .set_next_token(token)
+                    .send()
+                    .await
+                    .map_err(|e| AwsError::sdk(SERVICE, "ListGroups", e))?;
+                let entries = page.groups.into_iter().map(|g| StoreEntry {
+                    name: g.display_name.unwrap_or_default(),
+                    external_ids: ids(g.external_ids),
+                    id: g.group_id,
+                });
+                (entries.collect(), page.next_token.filter(|t| !t.is_empty()))
+            }
         })
-        .await
     }
 
     async fn create_group(
@@ -334,69 +340,60 @@ pub struct Wanted {
     pub name: String,
 }
 
-/// How to resolve: list the whole store, or look each principal up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    /// `ListUsers` / `ListGroups` to the end, then match locally.
-    Bulk,
-    /// One `GetUserId` / `GetGroupId` per principal.
-    Lookup,
-}
-
-/// Users or groups a list page holds.
-const LIST_PAGE: usize = 100;
-
-impl Strategy {
-    /// The strategy with fewer calls: a look-up costs one call per principal, a listing one
-    /// call per 100 entries of the store. Without a known store size, assume listing pays off
-    /// from one page's worth of principals.
-    pub fn choose(wanted: usize, store_size_hint: Option<usize>) -> Strategy {
-        let list_calls = store_size_hint.map_or(1, |n| n.div_ceil(LIST_PAGE).max(1));
-        let threshold = store_size_hint.map_or(LIST_PAGE, |_| list_calls);
-        if wanted > threshold {
-            Strategy::Bulk
-        } else {
-            Strategy::Lookup
-        }
-    }
-}
-
-/// Finds the identity-store id of each wanted object, keyed by Entra object id. Bulk listing
-/// matches the external id first, then the name; look-ups use the name (the SCIM issuer that
-/// an external-id look-up needs is not documented). Objects not found are absent from the map.
+/// Finds the identity-store id of each wanted object, keyed by Entra object id, in about the
+/// fewer calls of listing the store and looking each object up, without knowing the store's
+/// size: the store is listed page by page (matching external ids first, then names), but never
+/// for more pages than there are objects to find; if it has more, the objects not yet matched
+/// are looked up by name (the SCIM issuer that an external-id look-up needs is not
+/// documented). So the cost is at most twice the cheaper strategy's, and the listing's when
+/// the store is small. Objects not found are absent from the map.
 pub async fn resolve(
     store: &dyn IdentityStore,
     kind: Kind,
     wanted: &[Wanted],
-    strategy: Strategy,
 ) -> Result<BTreeMap<String, String>, AwsError> {
-    let mut found = BTreeMap::new();
-    match strategy {
-        Strategy::Bulk => {
-            let entries = store.list(kind).await?;
-            let mut by_external = BTreeMap::new();
-            let mut by_name = BTreeMap::new();
-            for e in &entries {
-                for x in &e.external_ids {
-                    by_external.insert(x.as_str(), e.id.as_str());
+    let by_entra: BTreeMap<&str, &Wanted> =
+        wanted.iter().map(|w| (w.entra_id.as_str(), w)).collect();
+    let mut by_name: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for w in wanted {
+        by_name
+            .entry(name_key(kind, &w.name))
+            .or_default()
+            .push(w.entra_id.as_str());
+    }
+    let (mut by_external_id, mut by_store_name) = (BTreeMap::new(), BTreeMap::new());
+    let (mut token, mut listed, mut complete) = (None, 0, wanted.is_empty());
+    while !complete && listed < wanted.len() {
+        let (entries, next) = store.list_page(kind, token.take()).await?;
+        listed += 1;
+        for e in entries {
+            for x in &e.external_ids {
+                if by_entra.contains_key(x.as_str()) {
+                    by_external_id.insert(x.clone(), e.id.clone());
                 }
-                by_name.insert(name_key(kind, &e.name), e.id.as_str());
             }
-            for w in wanted {
-                let hit = by_external
-                    .get(w.entra_id.as_str())
-                    .or_else(|| by_name.get(&name_key(kind, &w.name)));
-                if let Some(id) = hit {
-                    found.insert(w.entra_id.clone(), id.to_string());
-                }
+            for entra_id in by_name.get(&name_key(kind, &e.name)).into_iter().flatten() {
+                by_store_name
+                    .entry(entra_id.to_string())
+                    .or_insert_with(|| e.id.clone());
             }
         }
-        Strategy::Lookup => {
-            for w in wanted {
-                if let Some(id) = store.find(kind, &w.name).await? {
-                    found.insert(w.entra_id.clone(), id);
-                }
-            }
+        // Every object found by its external id: no later page can change an answer.
+        complete = next.is_none() || by_external_id.len() == by_entra.len();
+        token = next;
+    }
+    let mut found = BTreeMap::new();
+    for w in wanted {
+        let id = match by_external_id
+            .get(&w.entra_id)
+            .or_else(|| by_store_name.get(&w.entra_id))
+        {
+            Some(id) => Some(id.clone()),
+            None if !complete => store.find(kind, &w.name).await?,
+            None => None,
+        };
+        if let Some(id) = id {
+            found.insert(w.entra_id.clone(), id);
         }
     }
     Ok(found)
@@ -431,9 +428,17 @@ mod tests {
                 .find(|u| u.name.eq_ignore_ascii_case(name))
                 .map(|u| u.id.clone()))
         }
-        async fn list(&self, _kind: Kind) -> Result<Vec<StoreEntry>, AwsError> {
+        async fn list_page(
+            &self,
+            _kind: Kind,
+            token: Option<String>,
+        ) -> Result<(Vec<StoreEntry>, Option<String>), AwsError> {
             self.calls.lock().unwrap().push("list");
-            Ok(self.users.clone())
+            // Pages of two, so the tests can see where paging stops.
+            let from: usize = token.map_or(0, |t| t.parse().unwrap());
+            let page = self.users.iter().skip(from).take(2).cloned().collect();
+            let next = (from + 2 < self.users.len()).then(|| (from + 2).to_string());
+            Ok((page, next))
         }
         async fn create_group(&self, _: &str, _: &str) -> Result<String, AwsError> {
             unimplemented!("not used by resolution")
@@ -479,57 +484,80 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn bulk_matches_external_id_before_user_name() {
-        // The Entra user e1 was renamed to bob@ but SCIM has not caught up: the external id
-        // still finds the right identity-store user, and the stale name is not trusted.
-        let store = Memory {
-            users: vec![
-                entry("u-alice", "alice@x", &["e1"]),
-                entry("u-bob", "bob@x", &["e2"]),
-                entry("u-carol", "CAROL@x", &[]),
-            ],
+    fn store(users: Vec<StoreEntry>) -> Memory {
+        Memory {
+            users,
             calls: Mutex::new(vec![]),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listing_matches_external_id_before_user_name() {
+        // The Entra user e1 was renamed to bob@ but SCIM has not caught up: the external id
+        // still finds the right identity-store user, even on a later page than the name.
+        let s = store(vec![
+            entry("u-bob", "bob@x", &["e2"]),
+            entry("u-carol", "CAROL@x", &[]),
+            entry("u-alice", "alice@x", &["e1"]),
+        ]);
         let want = [
             wanted("e1", "bob@x"),
             wanted("e3", "carol@x"),
             wanted("e4", "nobody@x"),
         ];
-        let got = resolve(&store, Kind::User, &want, Strategy::Bulk)
-            .await
-            .unwrap();
+        let got = resolve(&s, Kind::User, &want).await.unwrap();
         assert_eq!(got.get("e1").map(String::as_str), Some("u-alice"));
         assert_eq!(
             got.get("e3").map(String::as_str),
             Some("u-carol"),
             "by name, case-insensitively"
         );
-        assert!(!got.contains_key("e4"));
-        assert_eq!(store.calls(), 1);
+        assert!(
+            !got.contains_key("e4"),
+            "listed to the end: not in the store"
+        );
+        assert_eq!(*s.calls.lock().unwrap(), vec!["list", "list"]);
     }
 
     #[tokio::test]
-    async fn lookups_cost_one_call_per_principal() {
-        let store = Memory {
-            users: vec![entry("u-alice", "alice@x", &["e1"])],
-            calls: Mutex::new(vec![]),
-        };
-        let want = [wanted("e1", "alice@x"), wanted("e2", "bob@x")];
-        let got = resolve(&store, Kind::User, &want, Strategy::Lookup)
-            .await
-            .unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(*store.calls.lock().unwrap(), vec!["find", "find"]);
+    async fn a_store_larger_than_worth_listing_is_looked_up_after_as_many_pages_as_wanted() {
+        // Ten users in pages of two; two wanted: two pages listed, then look-ups for the rest.
+        let users = (0..10)
+            .map(|i| entry(&format!("u-{i}"), &format!("user{i}@x"), &[]))
+            .collect();
+        let s = store(users);
+        let want = [wanted("e0", "user0@x"), wanted("e9", "user9@x")];
+        let got = resolve(&s, Kind::User, &want).await.unwrap();
+        assert_eq!(got.get("e0").map(String::as_str), Some("u-0"));
+        assert_eq!(got.get("e9").map(String::as_str), Some("u-9"));
+        assert_eq!(*s.calls.lock().unwrap(), vec!["list", "list", "find"]);
     }
 
-    #[test]
-    fn strategy_picks_fewer_calls() {
-        assert_eq!(Strategy::choose(3, None), Strategy::Lookup);
-        assert_eq!(Strategy::choose(101, None), Strategy::Bulk);
-        // 30,000 users in the store: 300 list calls; 250 look-ups are cheaper, 301 are not.
-        assert_eq!(Strategy::choose(250, Some(30_000)), Strategy::Lookup);
-        assert_eq!(Strategy::choose(301, Some(30_000)), Strategy::Bulk);
-        assert_eq!(Strategy::choose(2, Some(50)), Strategy::Bulk);
+    #[tokio::test]
+    async fn listing_stops_once_every_object_is_found_by_external_id() {
+        let users = (0..10)
+            .map(|i| {
+                entry(
+                    &format!("u-{i}"),
+                    &format!("user{i}@x"),
+                    &[&format!("e{i}")],
+                )
+            })
+            .collect();
+        let s = store(users);
+        let want = [
+            wanted("e0", "user0@x"),
+            wanted("e1", "user1@x"),
+            wanted("e2", "user2@x"),
+        ];
+        let got = resolve(&s, Kind::User, &want).await.unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(*s.calls.lock().unwrap(), vec!["list", "list"]);
+        assert!(resolve(&s, Kind::User, &[]).await.unwrap().is_empty());
+        assert_eq!(
+            s.calls.lock().unwrap().len(),
+            2,
+            "nothing wanted, nothing read"
+        );
     }
 }

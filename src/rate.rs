@@ -363,8 +363,12 @@ where
         self.call(|| self.inner.find(kind, name)).await
     }
 
-    async fn list(&self, kind: Kind) -> Result<Vec<StoreEntry>, AwsError> {
-        self.call_paged(|| self.inner.list(kind), |out| pages(out.len()) - 1)
+    async fn list_page(
+        &self,
+        kind: Kind,
+        token: Option<String>,
+    ) -> Result<(Vec<StoreEntry>, Option<String>), AwsError> {
+        self.call(|| self.inner.list_page(kind, token.clone()))
             .await
     }
 

@@ -8,7 +8,6 @@ use devstack::graph::Fault;
 use devstack::moto;
 use entra_sso_sync::engine::{EngineError, Mode, RunRequest, Target};
 use entra_sso_sync::report::Outcome;
-use entra_sso_sync::state::StateStore;
 use std::collections::BTreeSet;
 
 const ADMINS_BOTH: &str = "  - name: admins\n    entra_group: Platform Admins\n    permission_set: AdministratorAccess\n    accounts: [\"111111111111\", \"222222222222\"]\n";
