@@ -483,7 +483,9 @@ fn run_case(
     }
 }
 
-fn run_size(spec: &Spec) -> (Vec<Row>, String) {
+/// A paused (virtual-time) runtime, the world of `spec`, its fakes and the production-wrapped
+/// engine over them.
+fn paused_world(spec: &Spec) -> (tokio::runtime::Runtime, World, Fakes, Engine) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -493,6 +495,11 @@ fn run_size(spec: &Spec) -> (Vec<Row>, String) {
     // The fakes' clocks (lease expiry, settle times) start inside the paused runtime.
     let fakes = rt.block_on(async { world.fakes(SsoSettings::default()) });
     let engine = with_quotas(fakes.engine(ApplySettings::default()));
+    (rt, world, fakes, engine)
+}
+
+fn run_size(spec: &Spec) -> (Vec<Row>, String) {
+    let (rt, world, fakes, engine) = paused_world(spec);
 
     let tenant = fakes.directory.with_tenant(|t| t.clone());
     let desired = world.desired(&tenant).len();
@@ -676,14 +683,7 @@ fn mirror_compare() -> String {
         "| medium, cold sync | assignments created | mirror memberships added | Graph calls | identitystore calls | sso-admin calls | simulated wall |\n|---|---|---|---|---|---|---|\n",
     );
     for mode in ["members", "mirror"] {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .expect("a runtime");
-        let world = World::generate(&spec);
-        let fakes = rt.block_on(async { world.fakes(SsoSettings::default()) });
-        let engine = with_quotas(fakes.engine(ApplySettings::default()));
+        let (rt, world, fakes, engine) = paused_world(&spec);
         let yaml = world
             .config_yaml
             .replace("assign: members", &format!("assign: {mode}"));
@@ -718,14 +718,7 @@ const INVOCATION: Duration = Duration::from_secs(900 - 60);
 /// until one finishes. Each continues from the ledger and the plan the one before carried.
 fn invocations() -> String {
     let spec = Spec::large();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("a runtime");
-    let world = World::generate(&spec);
-    let fakes = rt.block_on(async { world.fakes(SsoSettings::default()) });
-    let engine = with_quotas(fakes.engine(ApplySettings::default()));
+    let (rt, world, fakes, engine) = paused_world(&spec);
     let config = world.config();
     let mut t = String::from(
         "| invocation | simulated time | pairs read / in play | sso-admin calls | creations made | left for the next | creations per second (15 slots × 2 s settle allow 7.5) |\n|---|---|---|---|---|---|---|\n",

@@ -282,6 +282,24 @@ impl DynamoState {
         }
     }
 
+    /// A PutItem of an assignment item (keyed by [`Assignment::key`]) in partition `pk`, with
+    /// its attributes, for the caller to add to and send.
+    fn put_assignment(
+        &self,
+        pk: &str,
+        a: &Assignment,
+    ) -> aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(pk))
+            .item("sk", s(a.key()))
+            .item("account_id", s(a.account_id.as_str()))
+            .item("permission_set_arn", s(&a.permission_set_arn))
+            .item("principal_type", s(a.principal_type.as_str()))
+            .item("principal_id", s(&a.principal_id))
+    }
+
     async fn delete(&self, pk: &str, sk: &str) -> Result<(), AwsError> {
         self.client
             .delete_item()
@@ -380,17 +398,8 @@ impl StateStore for DynamoState {
     }
 
     async fn put(&self, entry: &LedgerEntry, run_id: &str) -> Result<(), AwsError> {
-        let a = &entry.assignment;
         let mut req = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .item("pk", s(OWNED_PK))
-            .item("sk", s(a.key()))
-            .item("account_id", s(a.account_id.as_str()))
-            .item("permission_set_arn", s(&a.permission_set_arn))
-            .item("principal_type", s(a.principal_type.as_str()))
-            .item("principal_id", s(&a.principal_id))
+            .put_assignment(OWNED_PK, &entry.assignment)
             .item(
                 "rules",
                 AttributeValue::L(entry.owned.rules.iter().map(s).collect()),
@@ -538,15 +547,7 @@ impl StateStore for DynamoState {
     }
 
     async fn put_seen(&self, a: &Assignment) -> Result<(), AwsError> {
-        self.client
-            .put_item()
-            .table_name(&self.table)
-            .item("pk", s(SEEN_PK))
-            .item("sk", s(a.key()))
-            .item("account_id", s(a.account_id.as_str()))
-            .item("permission_set_arn", s(&a.permission_set_arn))
-            .item("principal_type", s(a.principal_type.as_str()))
-            .item("principal_id", s(&a.principal_id))
+        self.put_assignment(SEEN_PK, a)
             .item("updated_at", s(now_rfc3339()))
             .send()
             .await
