@@ -220,7 +220,7 @@ pub(crate) struct Gathered {
     pub(crate) created_mirrors: Vec<String>,
 }
 
-/// What an apply did not do.
+/// What an apply left undone, and what a person should know of it.
 struct Applied {
     /// Changes that failed.
     failures: Vec<Failure>,
