@@ -406,7 +406,6 @@ fn run_case(
         .collect();
     let observed = Observation {
         pairs: pairs.clone(),
-        principals: BTreeSet::new(),
     };
     let plan_cpu = uncounted(|| time_plan(world, &tenant, &actual, &observed, &ledger));
     let want = world.desired(&tenant);
@@ -602,7 +601,6 @@ fn plan_micro() -> (Duration, Duration, usize, usize) {
             .iter()
             .map(|a| (a.account_id.clone(), a.permission_set_arn.clone()))
             .collect(),
-        principals: BTreeSet::new(),
     };
     let t = time_plan_of(&rules, &actual, &observed, &owned);
     let desired_only = (0..3)

@@ -1486,7 +1486,6 @@ fn pairs_to_read(
             .filter(|(a, ps)| read.contains(&(a.as_str(), ps.as_str())) || slice.contains(a, ps))
             .cloned()
             .collect(),
-        principals: BTreeSet::new(),
     }
 }
 
@@ -1725,7 +1724,6 @@ mod tests {
     fn pairs(accounts: impl IntoIterator<Item = u32>) -> Observation {
         Observation {
             pairs: accounts.into_iter().map(|a| (acct(a), PS.into())).collect(),
-            principals: BTreeSet::new(),
         }
     }
 

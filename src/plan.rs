@@ -162,23 +162,20 @@ pub struct PlanInput<'a> {
     pub limits: Limits,
 }
 
-/// What of Identity Center's assignments a run read: whole (account, permission set) pairs
-/// (`ListAccountAssignments`), whole principals across every account
-/// (`ListAccountAssignmentsForPrincipal`), or both.
+/// The (account, permission set) pairs whose assignments a run knows: read, or taken from the
+/// state table where it vouches for them. Whether they were read per pair or per principal,
+/// the plan judges whole pairs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observation {
-    /// Pairs whose assignments were read in full.
+    /// Pairs whose assignments are known in full.
     pub pairs: BTreeSet<(AccountId, String)>,
-    /// Principals whose assignments were read in full, in every account.
-    pub principals: BTreeSet<Principal>,
 }
 
 impl Observation {
-    /// True when the read would have seen `a` had it existed.
+    /// True when `a`'s pair is known: had `a` existed, the run would know it.
     pub fn covers(&self, a: &Assignment) -> bool {
         self.pairs
             .contains(&(a.account_id.clone(), a.permission_set_arn.clone()))
-            || self.principals.contains(&a.principal())
     }
 }
 
@@ -447,12 +444,6 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
         .iter()
         .map(|(a, ps)| (a.as_str(), ps.as_str()))
         .collect();
-    let principals: BTreeSet<(PrincipalType, &str)> = input
-        .observed
-        .principals
-        .iter()
-        .map(|p| (p.principal_type, p.principal_id.as_str()))
-        .collect();
     // Sorted ledger entries come in long runs of one (account, permission set).
     let mut last_pair: Option<((&str, &str), bool)> = None;
 
@@ -487,7 +478,7 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                 read
             }
         };
-        if !pair_read && !principals.contains(&(a.principal_type, a.principal_id.as_str())) {
+        if !pair_read {
             continue;
         }
         if advance_to(&mut actual, |x| a.cmp(*x)).is_none() {
@@ -743,7 +734,6 @@ mod tests {
                 .iter()
                 .map(|&a| (acct(a), PS.to_string()))
                 .collect(),
-            principals: BTreeSet::new(),
         }
     }
 
@@ -833,34 +823,6 @@ mod tests {
         let owned = BTreeMap::from([(asg(9, "x"), owned_by(&["gone"]))]);
         let p = run(&[], &BTreeSet::new(), &owned, LIMITS);
         assert_eq!(p, Plan::default());
-    }
-
-    #[test]
-    fn an_observed_principal_is_judged_in_every_account() {
-        // Account 9 is outside the observed pairs, but principal "p" was read everywhere.
-        let owned = BTreeMap::from([
-            (asg(9, "p"), owned_by(&["gone"])),
-            (asg(8, "p"), owned_by(&["gone"])),
-            (asg(9, "q"), owned_by(&["gone"])),
-        ]);
-        let actual = BTreeSet::from([asg(9, "p")]);
-        let observed = Observation {
-            pairs: BTreeSet::new(),
-            principals: BTreeSet::from([group("p")]),
-        };
-        let p = plan(PlanInput {
-            rules: &[],
-            actual: &actual,
-            observed: &observed,
-            owned: &owned,
-            mirrors: &[],
-            protection: &Protection::default(),
-            limits: LIMITS,
-        });
-        assert_eq!(p.deletes.len(), 1);
-        assert_eq!(p.deletes[0].assignment, asg(9, "p"));
-        assert_eq!(p.forget, vec![asg(8, "p")], "read and absent: forgotten");
-        assert!(observed.covers(&asg(8, "p")) && !observed.covers(&asg(9, "q")));
     }
 
     #[test]
