@@ -66,6 +66,14 @@ pub enum DirectoryError {
         /// The transport error.
         message: String,
     },
+    /// A stored deltaLink is no longer valid: the delta state must be built again.
+    #[error("Graph {what}: the delta link has expired ({message}); a full delta round is needed")]
+    DeltaExpired {
+        /// Which read.
+        what: String,
+        /// Graph's message.
+        message: String,
+    },
     /// Graph answered something that is not the JSON it documents.
     #[error("Graph {what} returned a malformed response: {message}")]
     Malformed {
@@ -74,6 +82,66 @@ pub enum DirectoryError {
         /// What was wrong.
         message: String,
     },
+}
+
+/// What a member reference in a group's `members@delta` points at (`@odata.type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MemberKind {
+    /// `#microsoft.graph.user`.
+    User,
+    /// `#microsoft.graph.group`.
+    Group,
+    /// Anything else (devices, service principals, org contacts): never a principal here.
+    Other,
+}
+
+/// One entry of a group's `members@delta`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberChange {
+    /// The member's object id.
+    pub id: String,
+    /// What it is.
+    pub kind: MemberKind,
+    /// `true` when the entry carries `@removed` (the member left the group).
+    pub removed: bool,
+}
+
+/// One group object of a `/groups/delta` round. The same group may appear several times in
+/// a round (Graph splits long member lists across pages); apply them in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupChange {
+    /// The group's object id.
+    pub id: String,
+    /// `true` when the group carries `@removed` (deleted, or out of the app's view).
+    pub removed: bool,
+    /// `displayName`, when Graph sent it (a changed group need not repeat it).
+    pub display_name: Option<String>,
+    /// `members@delta`, in the order Graph sent them.
+    pub members: Vec<MemberChange>,
+}
+
+/// One user object of a `/users/delta` round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserChange {
+    /// The user's object id.
+    pub id: String,
+    /// `true` when the user carries `@removed`.
+    pub removed: bool,
+    /// `userPrincipalName`, when sent.
+    pub user_principal_name: Option<String>,
+    /// `displayName`, when sent.
+    pub display_name: Option<String>,
+    /// `accountEnabled`, when sent.
+    pub account_enabled: Option<bool>,
+}
+
+/// A complete delta round: every page followed to the `@odata.deltaLink`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeltaRound<T> {
+    /// The changes since the link the round started from (everything, for a first round).
+    pub changes: Vec<T>,
+    /// The `@odata.deltaLink` to start the next round from.
+    pub delta_link: String,
 }
 
 /// What the engine needs from the directory.
@@ -92,6 +160,17 @@ pub trait Directory: Send + Sync {
     ) -> Result<(Vec<DirUser>, Vec<DirGroup>), DirectoryError>;
     /// Every group nested in the group, at any depth, each once.
     async fn transitive_groups(&self, group_id: &str) -> Result<Vec<DirGroup>, DirectoryError>;
+    /// One `/groups/delta?$select=displayName,members` round: from the start when `link` is
+    /// `None`, else from a stored deltaLink. An expired or unknown link (410 Gone, or
+    /// `syncStateNotFound`) is [`DirectoryError::DeltaExpired`]: start again from `None`.
+    async fn groups_delta(
+        &self,
+        link: Option<&str>,
+    ) -> Result<DeltaRound<GroupChange>, DirectoryError>;
+    /// One `/users/delta?$select=userPrincipalName,displayName,accountEnabled` round, as
+    /// [`Directory::groups_delta`].
+    async fn users_delta(&self, link: Option<&str>)
+        -> Result<DeltaRound<UserChange>, DirectoryError>;
     /// Requests sent so far (for the run report).
     fn calls(&self) -> u64;
 }
