@@ -169,8 +169,10 @@ pub trait Directory: Send + Sync {
     ) -> Result<DeltaRound<GroupChange>, DirectoryError>;
     /// One `/users/delta?$select=userPrincipalName,displayName,accountEnabled` round, as
     /// [`Directory::groups_delta`].
-    async fn users_delta(&self, link: Option<&str>)
-        -> Result<DeltaRound<UserChange>, DirectoryError>;
+    async fn users_delta(
+        &self,
+        link: Option<&str>,
+    ) -> Result<DeltaRound<UserChange>, DirectoryError>;
     /// Requests sent so far (for the run report).
     fn calls(&self) -> u64;
 }
@@ -204,6 +206,15 @@ pub struct GraphClient {
 /// Graph's page size ceiling for member listings.
 const PAGE_SIZE: &str = "999";
 const USER_FIELDS: &str = "id,userPrincipalName,displayName,accountEnabled";
+/// Delta pages are sized by `Prefer: odata.maxpagesize` (delta ignores `$top`); Graph caps the
+/// value itself (200 objects), so asking for the listing ceiling just means "as large as allowed".
+const DELTA_PREFER: &str = "odata.maxpagesize=999";
+/// `$select` of the groups delta round: `members` makes Graph send `members@delta`.
+const GROUP_DELTA_FIELDS: &str = "displayName,members";
+/// `$select` of the users delta round.
+const USER_DELTA_FIELDS: &str = "userPrincipalName,displayName,accountEnabled";
+/// Graph error codes that mean "this delta state is gone: start a full round" (with any status).
+const DELTA_EXPIRED_CODES: &[&str] = &["syncStateNotFound", "resyncRequired"];
 /// Refresh the token this long before Entra says it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(300);
 
@@ -218,6 +229,52 @@ struct Page<T> {
     value: Vec<T>,
     #[serde(rename = "@odata.nextLink")]
     next_link: Option<String>,
+}
+
+/// One page of a delta round: `value` plus exactly one of the two links.
+#[derive(Deserialize)]
+struct DeltaPage<T> {
+    value: Vec<T>,
+    #[serde(rename = "@odata.nextLink")]
+    next_link: Option<String>,
+    #[serde(rename = "@odata.deltaLink")]
+    delta_link: Option<String>,
+}
+
+/// A group of `/groups/delta`. `id` is optional here so that its absence is reported as a
+/// malformed page naming the page, not as a serde error about a missing field.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeltaGroup {
+    id: Option<String>,
+    /// Present (`{"reason": …}`) when the group was deleted; its content does not matter.
+    #[serde(rename = "@removed")]
+    removed: Option<serde::de::IgnoredAny>,
+    display_name: Option<String>,
+    #[serde(rename = "members@delta")]
+    members: Option<Vec<DeltaMember>>,
+}
+
+/// One entry of `members@delta`.
+#[derive(Deserialize)]
+struct DeltaMember {
+    #[serde(rename = "@odata.type")]
+    odata_type: Option<String>,
+    id: Option<String>,
+    #[serde(rename = "@removed")]
+    removed: Option<serde::de::IgnoredAny>,
+}
+
+/// A user of `/users/delta`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeltaUser {
+    id: Option<String>,
+    #[serde(rename = "@removed")]
+    removed: Option<serde::de::IgnoredAny>,
+    user_principal_name: Option<String>,
+    display_name: Option<String>,
+    account_enabled: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -346,24 +403,41 @@ impl GraphClient {
         }
     }
 
-    /// GETs a Graph URL as JSON, with the bearer token (refreshed once on 401).
+    /// GETs a Graph URL as JSON, with the bearer token (refreshed once on 401); `None` on 404.
     async fn get<T: serde::de::DeserializeOwned>(
         &self,
         url: &Url,
         what: &str,
         advanced: bool,
     ) -> Result<Option<T>, DirectoryError> {
+        let headers: &[(&str, &str)] = if advanced {
+            &[("ConsistencyLevel", "eventual")]
+        } else {
+            &[]
+        };
+        match self.get_json(url, what, headers).await {
+            Err(DirectoryError::Http { status: 404, .. }) => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    /// GETs a Graph URL as JSON with extra request headers, with the bearer token (refreshed
+    /// once on 401). Any non-success answer, 404 included, is [`DirectoryError::Http`].
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &Url,
+        what: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<T, DirectoryError> {
         let mut refreshed = false;
         loop {
             let token = self.token(refreshed).await?;
             let resp = self
                 .send_with_retry(what, || {
-                    let req = self.http.get(url.clone()).bearer_auth(token.expose());
-                    if advanced {
-                        req.header("ConsistencyLevel", "eventual")
-                    } else {
-                        req
-                    }
+                    headers.iter().fold(
+                        self.http.get(url.clone()).bearer_auth(token.expose()),
+                        |req, (name, value)| req.header(*name, *value),
+                    )
                 })
                 .await?;
             let status = resp.status();
@@ -375,24 +449,71 @@ impl GraphClient {
                 what: what.into(),
                 message: e.without_url().to_string(),
             })?;
-            if status == StatusCode::NOT_FOUND {
-                return Ok(None);
-            }
             if !status.is_success() {
                 let (code, message) = graph_error(&body);
                 return Err(DirectoryError::Http {
                     what: what.into(),
                     status: status.as_u16(),
                     code,
-                    message,
+                    message: redact_paging_tokens(message, url),
                 });
             }
-            return serde_json::from_slice(&body).map(Some).map_err(|e| {
-                DirectoryError::Malformed {
-                    what: what.into(),
-                    message: e.to_string(),
-                }
+            return serde_json::from_slice(&body).map_err(|e| DirectoryError::Malformed {
+                what: what.into(),
+                message: e.to_string(),
             });
+        }
+    }
+
+    /// One delta round: the first page (`link`, or `path?$select=…`), then every
+    /// `@odata.nextLink` until a page carries the `@odata.deltaLink`. Any page failing (after
+    /// `send_with_retry`'s retries) fails the round: a partial round would be taken for the
+    /// whole change set and silently lose the rest.
+    async fn delta_round<T, C>(
+        &self,
+        path: &str,
+        select: &str,
+        link: Option<&str>,
+        convert: impl Fn(T, &str) -> Result<C, DirectoryError>,
+    ) -> Result<DeltaRound<C>, DirectoryError>
+    where
+        T: serde::de::DeserializeOwned,
+    {
+        let what = format!("GET {path}");
+        let mut url = match link {
+            None => self.url(path, &[("$select", select)]),
+            Some(stored) => {
+                self.checked_link(stored, &format!("{what} page 1"), "stored deltaLink")?
+            }
+        };
+        let mut changes = Vec::new();
+        let mut page_no = 0u32;
+        loop {
+            page_no += 1;
+            let page_what = format!("{what} page {page_no}");
+            let page: DeltaPage<T> = self
+                .get_json(&url, &page_what, &[("Prefer", DELTA_PREFER)])
+                .await
+                .map_err(delta_expired)?;
+            for value in page.value {
+                changes.push(convert(value, &page_what)?);
+            }
+            // A nextLink wins over a deltaLink: the round is only complete on the last page.
+            if let Some(next) = page.next_link {
+                url = self.checked_link(&next, &page_what, "@odata.nextLink")?;
+            } else if let Some(delta_link) = page.delta_link {
+                // Checked now, so that the next round never sends the token elsewhere.
+                self.checked_link(&delta_link, &page_what, "@odata.deltaLink")?;
+                return Ok(DeltaRound {
+                    changes,
+                    delta_link,
+                });
+            } else {
+                return Err(DirectoryError::Malformed {
+                    what: page_what,
+                    message: "the page has neither @odata.nextLink nor @odata.deltaLink".into(),
+                });
+            }
         }
     }
 
@@ -422,23 +543,25 @@ impl GraphClient {
             };
             out.extend(page.value);
             if let Some(link) = page.next_link {
-                next = Some(self.checked_next_link(&link, &page_what)?);
+                next = Some(self.checked_link(&link, &page_what, "@odata.nextLink")?);
             }
         }
         Ok(Some(out))
     }
 
-    /// A nextLink must point back at the configured Graph host: the bearer token goes with it.
-    fn checked_next_link(&self, link: &str, what: &str) -> Result<Url, DirectoryError> {
+    /// A link Graph sent (or one stored from it), `label`led in errors, must point back at the
+    /// configured Graph origin before it is followed: the bearer token goes with it. Errors
+    /// name the origin only, never the path or query (which carry paging and delta tokens).
+    fn checked_link(&self, link: &str, what: &str, label: &str) -> Result<Url, DirectoryError> {
         let url = Url::parse(link).map_err(|e| DirectoryError::Malformed {
             what: what.into(),
-            message: format!("@odata.nextLink is not a URL: {e}"),
+            message: format!("{label} is not a URL: {e}"),
         })?;
         if url.origin() != self.base.origin() {
             return Err(DirectoryError::Malformed {
                 what: what.into(),
                 message: format!(
-                    "@odata.nextLink points at {}, not at the configured Graph host",
+                    "{label} points at {}, not at the configured Graph host",
                     url.origin().ascii_serialization()
                 ),
             });
@@ -571,9 +694,111 @@ impl Directory for GraphClient {
         Ok(groups.into_iter().map(into_group).collect())
     }
 
+    async fn groups_delta(
+        &self,
+        link: Option<&str>,
+    ) -> Result<DeltaRound<GroupChange>, DirectoryError> {
+        self.delta_round("/groups/delta", GROUP_DELTA_FIELDS, link, group_change)
+            .await
+    }
+
+    async fn users_delta(
+        &self,
+        link: Option<&str>,
+    ) -> Result<DeltaRound<UserChange>, DirectoryError> {
+        self.delta_round("/users/delta", USER_DELTA_FIELDS, link, user_change)
+            .await
+    }
+
     fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
+}
+
+/// A delta value without an `id` cannot be applied to anything: the page is malformed.
+fn required_id(id: Option<String>, what: &str, entry: &str) -> Result<String, DirectoryError> {
+    id.filter(|id| !id.is_empty())
+        .ok_or_else(|| DirectoryError::Malformed {
+            what: what.into(),
+            message: format!("{entry} without an id"),
+        })
+}
+
+fn group_change(g: DeltaGroup, what: &str) -> Result<GroupChange, DirectoryError> {
+    let members = g
+        .members
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| {
+            // A member whose type is missing cannot be classified; guessing "not a principal"
+            // would drop a removal and leave access in place, so the page is refused instead.
+            let kind = match m.odata_type.as_deref() {
+                Some("#microsoft.graph.user") => MemberKind::User,
+                Some("#microsoft.graph.group") => MemberKind::Group,
+                Some(_) => MemberKind::Other,
+                None => {
+                    return Err(DirectoryError::Malformed {
+                        what: what.into(),
+                        message: "a members@delta entry without @odata.type".into(),
+                    })
+                }
+            };
+            Ok(MemberChange {
+                id: required_id(m.id, what, "a members@delta entry")?,
+                kind,
+                removed: m.removed.is_some(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(GroupChange {
+        id: required_id(g.id, what, "a group")?,
+        removed: g.removed.is_some(),
+        display_name: g.display_name,
+        members,
+    })
+}
+
+fn user_change(u: DeltaUser, what: &str) -> Result<UserChange, DirectoryError> {
+    Ok(UserChange {
+        id: required_id(u.id, what, "a user")?,
+        removed: u.removed.is_some(),
+        user_principal_name: u.user_principal_name,
+        display_name: u.display_name,
+        account_enabled: u.account_enabled,
+    })
+}
+
+/// 410 Gone, or Graph's "sync state is gone" codes with any status: the stored deltaLink is
+/// useless and only a full round (`link: None`) can rebuild the state.
+fn delta_expired(e: DirectoryError) -> DirectoryError {
+    match e {
+        DirectoryError::Http {
+            what,
+            status,
+            code,
+            message,
+        } if status == 410
+            || code.as_deref().is_some_and(|c| {
+                DELTA_EXPIRED_CODES
+                    .iter()
+                    .any(|known| c.eq_ignore_ascii_case(known))
+            }) =>
+        {
+            DirectoryError::DeltaExpired { what, message }
+        }
+        other => other,
+    }
+}
+
+/// Graph's message with the request's `$skiptoken` / `$deltatoken` values cut out, should it
+/// echo them: errors name the request by path and page number only.
+fn redact_paging_tokens(message: String, url: &Url) -> String {
+    url.query_pairs()
+        .filter(|(k, v)| {
+            (k.eq_ignore_ascii_case("$skiptoken") || k.eq_ignore_ascii_case("$deltatoken"))
+                && !v.is_empty()
+        })
+        .fold(message, |m, (_, v)| m.replace(v.as_ref(), "…"))
 }
 
 fn into_group(g: GraphGroup) -> DirGroup {

@@ -1023,12 +1023,40 @@ pub mod graph_cost {
     pub const GROUPS_BY_NAME: u32 = 2;
     /// Page size of member listings (`$top=999`).
     pub const MEMBER_PAGE: usize = 999;
+    /// `GET /groups/delta` or `/users/delta`, per page (assumed: a listing with `$select`).
+    pub const DELTA_PAGE: u32 = 4;
+    /// Users per `/users/delta` page (Graph caps `odata.maxpagesize` at 200 for objects).
+    pub const USER_DELTA_PAGE: usize = 200;
+    /// Groups per `/groups/delta` page (groups carry their member lists, so fewer fit).
+    pub const GROUP_DELTA_PAGE: usize = 100;
+}
+
+use crate::directory::{DeltaRound, GroupChange, MemberChange, MemberKind, UserChange};
+
+/// Delta links the fake keeps per stream; older ones expire (Graph's 410 Gone).
+const DELTA_HISTORY: usize = 8;
+
+/// A group as a delta round saw it: its name and the members that name a user or a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DeltaGroupState {
+    display_name: String,
+    members: BTreeMap<String, MemberKind>,
+}
+
+/// The tenant states the issued delta links stand for, oldest first, per stream. One token
+/// counter serves both streams, so a link of one stream is unknown to the other.
+#[derive(Default)]
+struct DeltaHistory {
+    next_token: u64,
+    groups: VecDeque<(u64, BTreeMap<String, DeltaGroupState>)>,
+    users: VecDeque<(u64, BTreeMap<String, DirUser>)>,
 }
 
 /// Microsoft Graph in memory over a [`Tenant`].
 pub struct FakeDirectory {
     svc: Service,
     tenant: Mutex<Tenant>,
+    delta: Mutex<DeltaHistory>,
 }
 
 impl FakeDirectory {
@@ -1037,7 +1065,16 @@ impl FakeDirectory {
         FakeDirectory {
             svc: Service::new("graph", "429", settings),
             tenant: Mutex::new(tenant),
+            delta: Mutex::new(DeltaHistory::default()),
         }
+    }
+
+    /// Forgets every delta link issued so far: the next round from one of them is
+    /// [`DirectoryError::DeltaExpired`], as after Graph's ~7 days.
+    pub fn expire_delta_links(&self) {
+        let mut h = lock(&self.delta);
+        h.groups.clear();
+        h.users.clear();
     }
 
     /// Graph's smallest tenant budget, 3,500 resource units per 10 s (350/s, burst 3,500),
@@ -1104,6 +1141,191 @@ impl FakeDirectory {
         }
         Ok(())
     }
+
+    /// One delta round of `stream` (`groups` or `users`): the first page computes the changes
+    /// since the link's stored state (everything without a link), the further pages are only
+    /// charged, and the new state is stored under a fresh link once every page has succeeded,
+    /// so a failed round leaves the history as it was.
+    #[allow(clippy::too_many_arguments)]
+    async fn delta_round<S, C>(
+        &self,
+        stream: &'static str,
+        op: &'static str,
+        per_page: usize,
+        link: Option<&str>,
+        history: impl Fn(&mut DeltaHistory) -> &mut VecDeque<(u64, S)>,
+        snapshot: impl Fn(&Tenant) -> S,
+        diff: impl Fn(Option<&S>, &S) -> Vec<C>,
+    ) -> Result<DeltaRound<C>, DirectoryError> {
+        let what = format!("GET /{stream}/delta");
+        let prefix = format!("fake://{stream}/delta?$deltatoken=");
+        let token = link.map(|l| l.strip_prefix(&prefix).and_then(|t| t.parse::<u64>().ok()));
+        let first = format!("{what} page 1");
+        let (changes, state) = self
+            .graph(&first, op, graph_cost::DELTA_PAGE, || {
+                let state = snapshot(&lock(&self.tenant));
+                let mut h = lock(&self.delta);
+                let old = match token {
+                    None => None,
+                    Some(t) => Some(
+                        t.and_then(|t| history(&mut h).iter().find(|(k, _)| *k == t))
+                            .map(|(_, s)| s)
+                            .ok_or_else(|| {
+                                error(
+                                    "410",
+                                    "syncStateNotFound: the delta token is unknown or expired",
+                                )
+                            })?,
+                    ),
+                };
+                Ok((diff(old, &state), state))
+            })
+            .await
+            .map_err(|e| match e {
+                // Graph's 410 Gone (the fake's own, or one injected with `fail_next`).
+                DirectoryError::Http {
+                    what,
+                    status: 410,
+                    message,
+                    ..
+                } => DirectoryError::DeltaExpired { what, message },
+                other => other,
+            })?;
+        for page in 2..=pages(changes.len(), per_page) {
+            self.graph(
+                &format!("{what} page {page}"),
+                op,
+                graph_cost::DELTA_PAGE,
+                || Ok(()),
+            )
+            .await?;
+        }
+        let mut h = lock(&self.delta);
+        let token = h.next_token;
+        h.next_token += 1;
+        let stored = history(&mut h);
+        stored.push_back((token, state));
+        while stored.len() > DELTA_HISTORY {
+            stored.pop_front();
+        }
+        Ok(DeltaRound {
+            changes,
+            delta_link: format!("{prefix}{token}"),
+        })
+    }
+}
+
+/// What a member id names in the tenant (users first, as [`Tenant::transitive_users`] does);
+/// `None` for an id that names nothing.
+fn member_kind(t: &Tenant, id: &str) -> Option<MemberKind> {
+    if t.users.contains_key(id) {
+        Some(MemberKind::User)
+    } else if t.groups.contains_key(id) {
+        Some(MemberKind::Group)
+    } else {
+        None
+    }
+}
+
+fn group_states(t: &Tenant) -> BTreeMap<String, DeltaGroupState> {
+    t.groups
+        .iter()
+        .map(|(id, g)| {
+            let members = g
+                .members
+                .iter()
+                .filter_map(|m| member_kind(t, m).map(|k| (m.clone(), k)))
+                .collect();
+            let state = DeltaGroupState {
+                display_name: g.display_name.clone(),
+                members,
+            };
+            (id.clone(), state)
+        })
+        .collect()
+}
+
+/// The group changes from `old` (nothing, for a full round) to `now`, in id order: a new or
+/// renamed group carries its name, an unchanged name is left out as Graph may do.
+fn group_diff(
+    old: Option<&BTreeMap<String, DeltaGroupState>>,
+    now: &BTreeMap<String, DeltaGroupState>,
+) -> Vec<GroupChange> {
+    let nothing = BTreeMap::new();
+    let old = old.unwrap_or(&nothing);
+    let ids: BTreeSet<&String> = old.keys().chain(now.keys()).collect();
+    let mut out = Vec::new();
+    for id in ids {
+        let before = old.get(id);
+        let Some(after) = now.get(id) else {
+            out.push(GroupChange {
+                id: id.clone(),
+                removed: true,
+                display_name: None,
+                members: Vec::new(),
+            });
+            continue;
+        };
+        let no_members = BTreeMap::new();
+        let before_members = before.map_or(&no_members, |b| &b.members);
+        let change = |(m, kind): (&String, &MemberKind), removed| MemberChange {
+            id: m.clone(),
+            kind: *kind,
+            removed,
+        };
+        let mut members: Vec<MemberChange> = after
+            .members
+            .iter()
+            .filter(|(m, _)| !before_members.contains_key(*m))
+            .map(|m| change(m, false))
+            .collect();
+        members.extend(
+            before_members
+                .iter()
+                .filter(|(m, _)| !after.members.contains_key(*m))
+                .map(|m| change(m, true)),
+        );
+        let renamed = before.is_none_or(|b| b.display_name != after.display_name);
+        if renamed || !members.is_empty() {
+            out.push(GroupChange {
+                id: id.clone(),
+                removed: false,
+                display_name: renamed.then(|| after.display_name.clone()),
+                members,
+            });
+        }
+    }
+    out
+}
+
+/// The user changes from `old` (nothing, for a full round) to `now`, in id order: a new or
+/// changed user carries every field.
+fn user_diff(
+    old: Option<&BTreeMap<String, DirUser>>,
+    now: &BTreeMap<String, DirUser>,
+) -> Vec<UserChange> {
+    let nothing = BTreeMap::new();
+    let old = old.unwrap_or(&nothing);
+    let ids: BTreeSet<&String> = old.keys().chain(now.keys()).collect();
+    ids.into_iter()
+        .filter_map(|id| match now.get(id) {
+            None => Some(UserChange {
+                id: id.clone(),
+                removed: true,
+                user_principal_name: None,
+                display_name: None,
+                account_enabled: None,
+            }),
+            Some(u) if old.get(id) == Some(u) => None,
+            Some(u) => Some(UserChange {
+                id: id.clone(),
+                removed: false,
+                user_principal_name: Some(u.user_principal_name.clone()),
+                display_name: Some(u.display_name.clone()),
+                account_enabled: Some(u.account_enabled),
+            }),
+        })
+        .collect()
 }
 
 fn dir_group(id: &str, g: &TenantGroup) -> DirGroup {
@@ -1213,8 +1435,305 @@ impl Directory for FakeDirectory {
         Ok(groups)
     }
 
+    async fn groups_delta(
+        &self,
+        link: Option<&str>,
+    ) -> Result<DeltaRound<GroupChange>, DirectoryError> {
+        self.delta_round(
+            "groups",
+            "GroupsDelta",
+            graph_cost::GROUP_DELTA_PAGE,
+            link,
+            |h| &mut h.groups,
+            group_states,
+            group_diff,
+        )
+        .await
+    }
+
+    async fn users_delta(
+        &self,
+        link: Option<&str>,
+    ) -> Result<DeltaRound<UserChange>, DirectoryError> {
+        self.delta_round(
+            "users",
+            "UsersDelta",
+            graph_cost::USER_DELTA_PAGE,
+            link,
+            |h| &mut h.users,
+            |t| t.users.clone(),
+            user_diff,
+        )
+        .await
+    }
+
     fn calls(&self) -> u64 {
         self.svc.calls()
+    }
+}
+
+#[cfg(test)]
+mod delta_tests {
+    use super::*;
+
+    fn user(id: &str, enabled: bool) -> DirUser {
+        DirUser {
+            id: id.into(),
+            user_principal_name: format!("{id}@example.com"),
+            display_name: format!("User {id}"),
+            account_enabled: enabled,
+        }
+    }
+
+    fn group(name: &str, members: &[&str]) -> TenantGroup {
+        TenantGroup {
+            display_name: name.into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
+    fn member(id: &str, kind: MemberKind, removed: bool) -> MemberChange {
+        MemberChange {
+            id: id.into(),
+            kind,
+            removed,
+        }
+    }
+
+    fn group_change(id: &str, name: Option<&str>, members: Vec<MemberChange>) -> GroupChange {
+        GroupChange {
+            id: id.into(),
+            removed: false,
+            display_name: name.map(str::to_string),
+            members,
+        }
+    }
+
+    fn user_change(u: &DirUser) -> UserChange {
+        UserChange {
+            id: u.id.clone(),
+            removed: false,
+            user_principal_name: Some(u.user_principal_name.clone()),
+            display_name: Some(u.display_name.clone()),
+            account_enabled: Some(u.account_enabled),
+        }
+    }
+
+    /// Users a, b, c; g1 = {a, g2, "ghost"} (naming nothing), g2 = {b}, g3 = {c}.
+    fn directory(settings: ServiceSettings) -> FakeDirectory {
+        let tenant = Tenant {
+            users: ["a", "b", "c"]
+                .map(|u| (u.to_string(), user(u, true)))
+                .into(),
+            groups: [
+                ("g1".to_string(), group("One", &["a", "g2", "ghost"])),
+                ("g2".to_string(), group("Two", &["b"])),
+                ("g3".to_string(), group("Three", &["c"])),
+            ]
+            .into(),
+        };
+        FakeDirectory::new(settings, tenant)
+    }
+
+    fn op_calls(d: &FakeDirectory, op: &str) -> u64 {
+        d.service().counts().get(op).map_or(0, |c| c.calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_round_returns_every_object_with_every_field() {
+        let d = directory(FakeDirectory::production_settings());
+        let groups = d.groups_delta(None).await.unwrap();
+        assert_eq!(
+            groups.changes,
+            vec![
+                group_change(
+                    "g1",
+                    Some("One"),
+                    vec![
+                        member("a", MemberKind::User, false),
+                        member("g2", MemberKind::Group, false),
+                    ]
+                ),
+                group_change(
+                    "g2",
+                    Some("Two"),
+                    vec![member("b", MemberKind::User, false)]
+                ),
+                group_change(
+                    "g3",
+                    Some("Three"),
+                    vec![member("c", MemberKind::User, false)]
+                ),
+            ]
+        );
+        let users = d.users_delta(None).await.unwrap();
+        let expected: Vec<UserChange> = ["a", "b", "c"].map(|u| user_change(&user(u, true))).into();
+        assert_eq!(users.changes, expected);
+        assert_ne!(groups.delta_link, users.delta_link);
+        assert_eq!(op_calls(&d, "GroupsDelta"), 1);
+        assert_eq!(op_calls(&d, "UsersDelta"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_round_returns_exactly_what_changed() {
+        let d = directory(FakeDirectory::production_settings());
+        let groups = d.groups_delta(None).await.unwrap().delta_link;
+        let users = d.users_delta(None).await.unwrap().delta_link;
+        d.with_tenant(|t| {
+            let g1 = t.groups.get_mut("g1").unwrap();
+            g1.members.remove("a");
+            g1.members.insert("c".into());
+            t.groups.get_mut("g2").unwrap().display_name = "Two renamed".into();
+            t.groups.remove("g3");
+            t.users.get_mut("b").unwrap().account_enabled = false;
+            t.users.remove("c");
+            t.users.insert("d".into(), user("d", true));
+        });
+        let round = d.groups_delta(Some(&groups)).await.unwrap();
+        // c was added to g1 and then deleted: it names nothing, so g1 reports only a leaving.
+        assert_eq!(
+            round.changes,
+            vec![
+                group_change("g1", None, vec![member("a", MemberKind::User, true)]),
+                group_change("g2", Some("Two renamed"), vec![]),
+                GroupChange {
+                    id: "g3".into(),
+                    removed: true,
+                    display_name: None,
+                    members: vec![],
+                },
+            ]
+        );
+        let user_round = d.users_delta(Some(&users)).await.unwrap();
+        assert_eq!(
+            user_round.changes,
+            vec![
+                user_change(&user("b", false)),
+                UserChange {
+                    id: "c".into(),
+                    removed: true,
+                    user_principal_name: None,
+                    display_name: None,
+                    account_enabled: None,
+                },
+                user_change(&user("d", true)),
+            ]
+        );
+
+        // Nothing changed since: an empty round, still one page, and a new link.
+        let quiet = d.groups_delta(Some(&round.delta_link)).await.unwrap();
+        assert!(quiet.changes.is_empty());
+        assert_ne!(quiet.delta_link, round.delta_link);
+        assert_eq!(op_calls(&d, "GroupsDelta"), 3);
+
+        // An older link still answers, from its own state.
+        let again = d.groups_delta(Some(&groups)).await.unwrap();
+        assert_eq!(again.changes, round.changes);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_added_later_is_reported_as_an_addition() {
+        let d = directory(FakeDirectory::production_settings());
+        let link = d.groups_delta(None).await.unwrap().delta_link;
+        d.with_tenant(|t| {
+            t.groups.get_mut("g2").unwrap().members.insert("g3".into());
+        });
+        let round = d.groups_delta(Some(&link)).await.unwrap();
+        assert_eq!(
+            round.changes,
+            vec![group_change(
+                "g2",
+                None,
+                vec![member("g3", MemberKind::Group, false)]
+            )]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_unknown_and_evicted_links_need_a_full_round() {
+        let d = directory(FakeDirectory::production_settings());
+        let first = d.groups_delta(None).await.unwrap().delta_link;
+        let users = d.users_delta(None).await.unwrap().delta_link;
+        let expired = |r: Result<DeltaRound<GroupChange>, DirectoryError>| {
+            matches!(r, Err(DirectoryError::DeltaExpired { .. }))
+        };
+        // A link of the other stream, or one the fake never issued.
+        assert!(expired(d.groups_delta(Some(&users)).await));
+        assert!(expired(
+            d.groups_delta(Some("fake://groups/delta?$deltatoken=99"))
+                .await
+        ));
+        assert!(expired(d.groups_delta(Some("https://elsewhere/")).await));
+        // Eight newer rounds evict the first link.
+        let mut link = first.clone();
+        for _ in 0..DELTA_HISTORY {
+            link = d.groups_delta(Some(&link)).await.unwrap().delta_link;
+        }
+        assert!(expired(d.groups_delta(Some(&first)).await));
+        assert!(d.groups_delta(Some(&link)).await.is_ok());
+        // Forgetting the history expires every link; a full round starts again.
+        d.expire_delta_links();
+        assert!(expired(d.groups_delta(Some(&link)).await));
+        assert!(matches!(
+            d.users_delta(Some(&users)).await,
+            Err(DirectoryError::DeltaExpired { .. })
+        ));
+        assert_eq!(d.groups_delta(None).await.unwrap().changes.len(), 3);
+        // An injected 410 is an expiry too.
+        d.service().fail_next("GroupsDelta", "410", 1);
+        assert!(expired(d.groups_delta(None).await));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rounds_are_charged_per_page_and_a_failed_page_fails_the_round() {
+        let d = directory(FakeDirectory::production_settings());
+        d.with_tenant(|t| {
+            for n in 0..450 {
+                let id = format!("u{n:03}");
+                t.users.insert(id.clone(), user(&id, true));
+            }
+            for n in 0..(graph_cost::GROUP_DELTA_PAGE - 3 + 1) {
+                t.groups.insert(format!("x{n:03}"), group("X", &[]));
+            }
+        });
+        let users = d.users_delta(None).await.unwrap();
+        assert_eq!(users.changes.len(), 453);
+        assert_eq!(op_calls(&d, "UsersDelta"), 3, "453 users, 200 a page");
+        let groups = d.groups_delta(None).await.unwrap();
+        assert_eq!(groups.changes.len(), graph_cost::GROUP_DELTA_PAGE + 1);
+        assert_eq!(op_calls(&d, "GroupsDelta"), 2, "101 groups, 100 a page");
+        assert_eq!(d.calls(), 5);
+
+        // A quota of two pages' units, no client retry: the third page is throttled and the
+        // whole round fails; the link it started from is still good afterwards.
+        let tight = ServiceSettings {
+            quota: Some(Quota {
+                rate: 1,
+                burst: 2 * graph_cost::DELTA_PAGE,
+            }),
+            client_attempts: 1,
+            ..FakeDirectory::production_settings()
+        };
+        let d = directory(tight);
+        d.with_tenant(|t| {
+            for n in 0..450 {
+                let id = format!("u{n:03}");
+                t.users.insert(id.clone(), user(&id, true));
+            }
+        });
+        match d.users_delta(None).await {
+            Err(DirectoryError::Http {
+                status: 429, what, ..
+            }) => {
+                assert_eq!(what, "GET /users/delta page 3")
+            }
+            other => panic!("expected a throttled third page, got {other:?}"),
+        }
+        assert_eq!(d.service().throttled(), 1);
+        assert!(
+            lock(&d.delta).users.is_empty(),
+            "a failed round issues no link"
+        );
     }
 }
 
