@@ -8,7 +8,14 @@
 //! * `GET /v1.0/groups/{id}` — a single group;
 //! * `GET /v1.0/groups/{id}/members` and `/transitiveMembers`, optionally cast with
 //!   `/microsoft.graph.user` or `/microsoft.graph.group`, with `$select`, `$top`, `$count` and
-//!   server-driven paging through `@odata.nextLink` / `$skiptoken`.
+//!   server-driven paging through `@odata.nextLink` / `$skiptoken`;
+//! * `GET /v1.0/groups/delta` and `GET /v1.0/users/delta` — delta rounds: `$select` (groups
+//!   take `members`, answered as `members@delta`), pages sized by `Prefer: odata.maxpagesize`
+//!   (at most [`GROUP_DELTA_PAGE_SIZE`] groups or [`USER_DELTA_PAGE_SIZE`] users), nextLinks
+//!   to an `@odata.deltaLink` whose `$deltatoken` names a stored tenant state; the next round
+//!   from it reports what changed since (`@removed` for deleted objects and departed members).
+//!   The last [`DELTA_HISTORY`] states are kept; an older or unknown token is 410 Gone with
+//!   `syncStateNotFound`, as is any token after [`FakeGraph::expire_delta_links`].
 //!
 //! Every `/v1.0` request needs a bearer token previously issued by the token endpoint. Faults
 //! (throttling, outages, malformed bodies) can be injected per path, and every request is
@@ -49,6 +56,18 @@ const METADATA: &str = "https://graph.microsoft.com/v1.0/$metadata";
 const GRAPH_CONTENT_TYPE: &str =
     "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8";
 const SKIPTOKEN_PREFIX: &str = "fake-graph-offset:";
+const DELTA_SKIPTOKEN_PREFIX: &str = "fake-graph-delta:";
+const DELTATOKEN_PREFIX: &str = "fake-graph-state:";
+
+/// Largest delta page of groups (`Prefer: odata.maxpagesize` is capped to it).
+pub const GROUP_DELTA_PAGE_SIZE: usize = 100;
+/// Largest delta page of users (Graph caps `odata.maxpagesize` at 200 for directory objects).
+pub const USER_DELTA_PAGE_SIZE: usize = 200;
+/// Delta rounds whose starting tenant state is kept; older deltaLinks answer 410 Gone.
+pub const DELTA_HISTORY: usize = 16;
+/// `members@delta` entries per group object: a group with more member changes is sent as
+/// several objects with the same id (as Graph splits long member lists), in order.
+pub const DELTA_MEMBERS_PER_OBJECT: usize = 50;
 const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// Properties of `microsoft.graph.user` that the fake models (returned by default).
@@ -359,9 +378,57 @@ struct ServerState {
     tokens: Vec<String>,
     /// Tokens that still authenticate.
     active_tokens: HashSet<String>,
+    /// Tenant states that delta rounds started at, oldest first (at most [`DELTA_HISTORY`]).
+    delta_states: VecDeque<DeltaState>,
+    /// Id of the next delta state.
+    next_delta_state: u64,
+}
+
+/// Which delta function a state belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeltaKind {
+    Groups,
+    Users,
+}
+
+/// The tenant as a delta round saw it when it started: its deltaLink names this state, and
+/// the round's pages (and the next round's diff) are computed from it.
+#[derive(Debug)]
+struct DeltaState {
+    id: u64,
+    kind: DeltaKind,
+    /// The round's `$select`, kept with the state as Graph keeps it with the token.
+    select: Option<String>,
+    tenant: Arc<Tenant>,
 }
 
 impl ServerState {
+    /// Stores the current tenant as the starting state of a new `kind` round (evicting the
+    /// oldest beyond [`DELTA_HISTORY`]) and returns its id.
+    fn push_delta_state(&mut self, kind: DeltaKind, select: Option<String>) -> u64 {
+        let id = self.next_delta_state;
+        self.next_delta_state += 1;
+        self.delta_states.push_back(DeltaState {
+            id,
+            kind,
+            select,
+            tenant: Arc::new(self.tenant.clone()),
+        });
+        while self.delta_states.len() > DELTA_HISTORY {
+            self.delta_states.pop_front();
+        }
+        id
+    }
+
+    /// The stored `kind` state `id`, or 410 `syncStateNotFound` (evicted, expired, or a state
+    /// of the other delta function).
+    fn delta_state(&self, id: u64, kind: DeltaKind) -> Result<&DeltaState, GraphError> {
+        self.delta_states
+            .iter()
+            .find(|s| s.id == id && s.kind == kind)
+            .ok_or_else(sync_state_not_found)
+    }
+
     /// Finds the fault that answers this request, updating the per-fault counters.
     fn take_fault(&mut self, decoded: &str) -> Option<Fault> {
         for slot in &mut self.faults {
@@ -440,6 +507,8 @@ impl FakeGraph {
                 requests: Vec::new(),
                 tokens: Vec::new(),
                 active_tokens: HashSet::new(),
+                delta_states: VecDeque::new(),
+                next_delta_state: 0,
             }),
         });
         let router = Router::new()
@@ -530,6 +599,12 @@ impl FakeGraph {
         self.shared.lock().tokens.clone()
     }
 
+    /// Forgets every stored delta state (as after Graph's ~7 days): every deltaLink issued so
+    /// far, and the nextLinks of rounds in progress, answer 410 Gone `syncStateNotFound`.
+    pub fn expire_delta_links(&self) {
+        self.shared.lock().delta_states.clear();
+    }
+
     /// Invalidates every issued token (as if they expired): later Graph calls using them get 401.
     /// They stay listed in [`FakeGraph::issued_tokens`].
     pub fn revoke_tokens(&self) {
@@ -578,10 +653,12 @@ impl FakeGraph {
 // Request handling
 // ---------------------------------------------------------------------------------------------
 
-/// Per-request ids echoed in headers and error bodies.
+/// Per-request context: ids echoed in headers and error bodies, and the client's preferences.
 struct Ctx {
     request_id: String,
     client_request_id: String,
+    /// `Prefer: odata.maxpagesize=N` (delta routes only, as the fake serves it).
+    max_page_size: Option<usize>,
 }
 
 /// A Graph error (`{"error":{"code","message","innerError"}}`).
@@ -638,6 +715,7 @@ async fn handle(AxumState(shared): AxumState<Arc<Shared>>, req: Request) -> Resp
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map_or_else(new_uuid, str::to_owned),
+        max_page_size: prefer_max_page_size(&parts.headers),
     };
     tracing::debug!(method = %parts.method, path = %decoded, "fake graph request");
 
@@ -937,6 +1015,7 @@ enum Cast {
 
 #[derive(Debug)]
 enum GraphRoute<'a> {
+    Delta(DeltaKind),
     GroupsList,
     Group(&'a str),
     Members {
@@ -951,12 +1030,23 @@ fn graph_route(segments: &[String]) -> Result<GraphRoute<'_>, &str> {
     let Some((first, rest)) = segments.split_first() else {
         return Err("v1.0");
     };
+    // `delta` is a function bound to the collection (`delta()` in OData's long form).
+    let is_delta = |s: &str| s.eq_ignore_ascii_case("delta") || s.eq_ignore_ascii_case("delta()");
+    if first.eq_ignore_ascii_case("users") {
+        return match rest {
+            [d] if is_delta(d) => Ok(GraphRoute::Delta(DeltaKind::Users)),
+            _ => Err(first),
+        };
+    }
     if !first.eq_ignore_ascii_case("groups") {
         return Err(first);
     }
     let Some((id, rest)) = rest.split_first() else {
         return Ok(GraphRoute::GroupsList);
     };
+    if rest.is_empty() && is_delta(id) {
+        return Ok(GraphRoute::Delta(DeltaKind::Groups));
+    }
     let Some((relation, rest)) = rest.split_first() else {
         return Ok(GraphRoute::Group(id));
     };
@@ -989,7 +1079,7 @@ fn graph_endpoint(
     raw_query: &str,
     ctx: &Ctx,
 ) -> Response {
-    let state = shared.lock();
+    let mut state = shared.lock();
     let token_ok = bearer.is_some_and(|t| state.active_tokens.contains(t));
     if !token_ok {
         drop(state);
@@ -1027,7 +1117,7 @@ fn graph_endpoint(
         return method_not_allowed("GET", ctx);
     }
     let result = QueryOptions::parse(raw_query)
-        .and_then(|opts| serve_graph(&state, &shared.base_url, &route, raw_path, &opts));
+        .and_then(|opts| serve_graph(&mut state, &shared.base_url, &route, raw_path, &opts, ctx));
     drop(state);
     match result {
         Ok(body) => plain_response(StatusCode::OK, GRAPH_CONTENT_TYPE, body.to_string()),
@@ -1043,6 +1133,7 @@ struct QueryOptions {
     top: Option<usize>,
     count: bool,
     skiptoken: Option<String>,
+    deltatoken: Option<String>,
     /// Raw (still encoded) query pieces other than `$skiptoken`, for building nextLinks.
     passthrough: Vec<String>,
 }
@@ -1097,6 +1188,10 @@ impl QueryOptions {
                     opts.skiptoken = Some(pair.value);
                     continue;
                 }
+                "$deltatoken" => {
+                    opts.deltatoken = Some(pair.value);
+                    continue;
+                }
                 other if other.starts_with('$') => {
                     return Err(GraphError::unsupported(format!(
                         "The query option '{}' is not supported by this fake Graph server.",
@@ -1114,27 +1209,28 @@ impl QueryOptions {
     fn offset(&self) -> Result<usize, GraphError> {
         match &self.skiptoken {
             None => Ok(0),
-            Some(token) => decode_skiptoken(token).ok_or_else(|| {
-                GraphError::new(
-                    StatusCode::BAD_REQUEST,
-                    "Directory_ExpiredPageToken",
-                    "The specified page token value has expired and can no longer be included in your request.",
-                )
-            }),
+            Some(token) => decode_skiptoken(token).ok_or_else(expired_page_token),
         }
     }
 }
 
 fn encode_skiptoken(offset: usize) -> String {
-    format!("{SKIPTOKEN_PREFIX}{offset}")
-        .bytes()
-        .fold(String::new(), |mut out, b| {
-            let _ = write!(out, "{b:02X}");
-            out
-        })
+    opaque(&format!("{SKIPTOKEN_PREFIX}{offset}"))
 }
 
 fn decode_skiptoken(token: &str) -> Option<usize> {
+    parse_digits(unopaque(token)?.strip_prefix(SKIPTOKEN_PREFIX)?)
+}
+
+/// Hex of `text`: tokens look opaque (as Graph's do) and need no escaping in a URL.
+fn opaque(text: &str) -> String {
+    text.bytes().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02X}");
+        out
+    })
+}
+
+fn unopaque(token: &str) -> Option<String> {
     let bytes = token.as_bytes();
     if bytes.is_empty() || !bytes.len().is_multiple_of(2) {
         return None;
@@ -1143,8 +1239,11 @@ fn decode_skiptoken(token: &str) -> Option<usize> {
         .chunks(2)
         .map(|pair| Some(hex_value(pair[0])? << 4 | hex_value(pair[1])?))
         .collect::<Option<_>>()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let digits = text.strip_prefix(SKIPTOKEN_PREFIX)?;
+    String::from_utf8(decoded).ok()
+}
+
+/// A non-empty run of ASCII digits as a number (no sign, no spaces).
+fn parse_digits<T: std::str::FromStr>(digits: &str) -> Option<T> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -1300,12 +1399,18 @@ impl Pager<'_> {
 }
 
 fn serve_graph(
-    state: &ServerState,
+    state: &mut ServerState,
     base_url: &str,
     route: &GraphRoute<'_>,
     raw_path: &str,
     opts: &QueryOptions,
+    ctx: &Ctx,
 ) -> Result<Value, GraphError> {
+    if opts.deltatoken.is_some() && !matches!(route, GraphRoute::Delta(_)) {
+        return Err(GraphError::unsupported(
+            "$deltatoken is only valid on a delta function.",
+        ));
+    }
     let tenant = &state.tenant;
     let pager = Pager {
         base_url,
@@ -1391,7 +1496,327 @@ fn serve_graph(
                 .collect();
             pager.page(context_url(entity_set, select.as_deref(), ""), items)
         }
+        // The only route that changes the state: a round stores the tenant it started from.
+        GraphRoute::Delta(kind) => serve_delta(state, base_url, kind, raw_path, opts, ctx),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delta
+// ---------------------------------------------------------------------------------------------
+
+fn expired_page_token() -> GraphError {
+    GraphError::new(
+        StatusCode::BAD_REQUEST,
+        "Directory_ExpiredPageToken",
+        "The specified page token value has expired and can no longer be included in your request.",
+    )
+}
+
+fn sync_state_not_found() -> GraphError {
+    GraphError::new(
+        StatusCode::GONE,
+        "syncStateNotFound",
+        "The sync state of this delta token is not found or has expired; start a new delta round without a token.",
+    )
+}
+
+/// The `odata.maxpagesize` of the request's `Prefer` header(s), if any (a malformed value is
+/// ignored: preferences are hints).
+fn prefer_max_page_size(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|pref| {
+            let (name, value) = pref.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("odata.maxpagesize") {
+                return None;
+            }
+            parse_digits(value.trim().trim_matches('"'))
+        })
+}
+
+/// A nextLink of a delta round: the state it diffs from (`None`: a full round), the state it
+/// diffs to, and the offset in the round's change list.
+fn encode_delta_skiptoken(from: Option<u64>, to: u64, offset: usize) -> String {
+    let from = from.map_or_else(|| "-".to_owned(), |f| f.to_string());
+    opaque(&format!("{DELTA_SKIPTOKEN_PREFIX}{from}:{to}:{offset}"))
+}
+
+fn decode_delta_skiptoken(token: &str) -> Option<(Option<u64>, u64, usize)> {
+    let text = unopaque(token)?;
+    let mut parts = text.strip_prefix(DELTA_SKIPTOKEN_PREFIX)?.split(':');
+    let from = match parts.next()? {
+        "-" => None,
+        f => Some(parse_digits(f)?),
+    };
+    let to = parse_digits(parts.next()?)?;
+    let offset = parse_digits(parts.next()?)?;
+    parts.next().is_none().then_some((from, to, offset))
+}
+
+fn encode_deltatoken(state: u64) -> String {
+    opaque(&format!("{DELTATOKEN_PREFIX}{state}"))
+}
+
+fn decode_deltatoken(token: &str) -> Option<u64> {
+    parse_digits(unopaque(token)?.strip_prefix(DELTATOKEN_PREFIX)?)
+}
+
+/// A delta round's `$select`: the selected properties (`None`: the defaults) and, for groups,
+/// whether `members` was selected (answered as `members@delta`).
+struct DeltaSelect {
+    props: Option<Vec<&'static str>>,
+    members: bool,
+}
+
+impl DeltaSelect {
+    fn parse(select: Option<&str>, kind: DeltaKind) -> Result<DeltaSelect, GraphError> {
+        let Some(select) = select else {
+            return Ok(DeltaSelect {
+                props: None,
+                members: false,
+            });
+        };
+        let (members, rest): (Vec<&str>, Vec<&str>) = select.split(',').partition(|name| {
+            kind == DeltaKind::Groups && name.trim().eq_ignore_ascii_case("members")
+        });
+        let target = match kind {
+            DeltaKind::Groups => SelectTarget::Groups,
+            DeltaKind::Users => SelectTarget::Users,
+        };
+        let props = if rest.is_empty() {
+            Some(Vec::new())
+        } else {
+            parse_select(Some(&rest.join(",")), target)?
+        };
+        Ok(DeltaSelect {
+            props,
+            members: !members.is_empty(),
+        })
+    }
+
+    fn context(&self, kind: DeltaKind) -> String {
+        let (entity_set, defaults) = match kind {
+            DeltaKind::Groups => ("groups", GROUP_PROPS),
+            DeltaKind::Users => ("users", USER_PROPS),
+        };
+        if self.props.is_none() && !self.members {
+            return context_url(entity_set, None, "");
+        }
+        let mut names: Vec<&str> = self.props.clone().unwrap_or_else(|| defaults.to_vec());
+        if self.members {
+            names.push("members");
+        }
+        context_url(entity_set, Some(&names), "")
+    }
+}
+
+/// `{"id", "@removed": {"reason": "deleted"}}`, for a deleted object.
+fn removed_object(id: &str) -> Value {
+    json!({"id": id, "@removed": {"reason": "deleted"}})
+}
+
+/// A group's direct members as `(id, @odata.type)`, deduplicated, in `members` order, ids
+/// naming nothing skipped.
+fn member_refs<'a>(
+    index: &HashMap<&str, Member<'a>>,
+    group: &'a Group,
+) -> Vec<(&'a str, &'static str)> {
+    let mut seen = HashSet::new();
+    group
+        .members
+        .iter()
+        .filter(|id| seen.insert(id.as_str()))
+        .filter_map(|id| {
+            let odata_type = match index.get(id.as_str())? {
+                Member::User(_) => "#microsoft.graph.user",
+                Member::Group(_) => "#microsoft.graph.group",
+            };
+            Some((id.as_str(), odata_type))
+        })
+        .collect()
+}
+
+/// Every change of a round from `old` (`None`: a full round, every object) to `new`: new or
+/// changed objects in tenant order with their selected properties, then deleted ones.
+fn delta_values(
+    kind: DeltaKind,
+    select: &DeltaSelect,
+    old: Option<&Tenant>,
+    new: &Tenant,
+) -> Vec<Value> {
+    match kind {
+        DeltaKind::Groups => group_delta_values(select, old, new),
+        DeltaKind::Users => user_delta_values(select, old, new),
+    }
+}
+
+/// Groups: a group is reported when a selected property changed or (with `members`) its
+/// direct members did; `members@delta` holds only the members that joined or left (every
+/// member for a group new to the round), split over several objects beyond
+/// [`DELTA_MEMBERS_PER_OBJECT`].
+fn group_delta_values(select: &DeltaSelect, old: Option<&Tenant>, new: &Tenant) -> Vec<Value> {
+    let props = select.props.as_deref();
+    let new_index = new.index();
+    let old_index = old.map(Tenant::index).unwrap_or_default();
+    let old_groups: HashMap<&str, &Group> = old
+        .map(|t| t.groups.iter().map(|g| (g.id.as_str(), g)).collect())
+        .unwrap_or_default();
+    let mut present = HashSet::new();
+    let mut out = Vec::new();
+    for group in &new.groups {
+        present.insert(group.id.as_str());
+        let before = old_groups.get(group.id.as_str()).copied();
+        let rendered = render_group(group, props, false);
+        let changed = before.is_none_or(|b| render_group(b, props, false) != rendered);
+        let mut members = Vec::new();
+        if select.members {
+            let now = member_refs(&new_index, group);
+            let then = before
+                .map(|b| member_refs(&old_index, b))
+                .unwrap_or_default();
+            let now_ids: HashSet<&str> = now.iter().map(|(id, _)| *id).collect();
+            let then_ids: HashSet<&str> = then.iter().map(|(id, _)| *id).collect();
+            members.extend(
+                now.iter()
+                    .filter(|(id, _)| !then_ids.contains(id))
+                    .map(|(id, t)| json!({"@odata.type": t, "id": id})),
+            );
+            members.extend(then.iter().filter(|(id, _)| !now_ids.contains(id)).map(
+                |(id, t)| json!({"@odata.type": t, "id": id, "@removed": {"reason": "deleted"}}),
+            ));
+        }
+        if !changed && members.is_empty() {
+            continue;
+        }
+        let Value::Object(mut first) = rendered else {
+            continue;
+        };
+        if !select.members {
+            out.push(Value::Object(first));
+            continue;
+        }
+        let mut chunks = members.chunks(DELTA_MEMBERS_PER_OBJECT);
+        let head = chunks.next().map_or_else(Vec::new, <[Value]>::to_vec);
+        first.insert("members@delta".into(), Value::Array(head));
+        out.push(Value::Object(first));
+        out.extend(chunks.map(|chunk| json!({"id": group.id, "members@delta": chunk})));
+    }
+    if let Some(old) = old {
+        out.extend(
+            old.groups
+                .iter()
+                .filter(|g| !present.contains(g.id.as_str()))
+                .map(|g| removed_object(&g.id)),
+        );
+    }
+    out
+}
+
+/// Users: a user is reported with its selected properties when any of them changed.
+fn user_delta_values(select: &DeltaSelect, old: Option<&Tenant>, new: &Tenant) -> Vec<Value> {
+    let props = select.props.as_deref();
+    let old_users: HashMap<&str, &User> = old
+        .map(|t| t.users.iter().map(|u| (u.id.as_str(), u)).collect())
+        .unwrap_or_default();
+    let mut present = HashSet::new();
+    let mut out = Vec::new();
+    for user in &new.users {
+        present.insert(user.id.as_str());
+        let rendered = render_user(user, props, false);
+        let unchanged = old_users
+            .get(user.id.as_str())
+            .is_some_and(|b| render_user(b, props, false) == rendered);
+        if !unchanged {
+            out.push(rendered);
+        }
+    }
+    if let Some(old) = old {
+        out.extend(
+            old.users
+                .iter()
+                .filter(|u| !present.contains(u.id.as_str()))
+                .map(|u| removed_object(&u.id)),
+        );
+    }
+    out
+}
+
+/// One page of a delta round. Without `$skiptoken` a round starts: the current tenant is
+/// stored as its state (its deltaLink will name it) and diffed against the `$deltatoken`'s
+/// state, or reported whole. Every page recomputes that same diff between two stored states,
+/// so paging is stable while tests change the tenant mid-round.
+fn serve_delta(
+    state: &mut ServerState,
+    base_url: &str,
+    kind: DeltaKind,
+    raw_path: &str,
+    opts: &QueryOptions,
+    ctx: &Ctx,
+) -> Result<Value, GraphError> {
+    if opts.filter.is_some() || opts.top.is_some() || opts.count {
+        return Err(GraphError::unsupported(
+            "$filter, $top and $count on delta are not supported by this fake Graph server; page with Prefer: odata.maxpagesize.",
+        ));
+    }
+    let (from, to, offset) = match (&opts.skiptoken, &opts.deltatoken) {
+        (Some(_), Some(_)) => {
+            return Err(GraphError::bad_request(
+                "$skiptoken and $deltatoken cannot be combined.",
+            ))
+        }
+        (Some(skip), None) => decode_delta_skiptoken(skip).ok_or_else(expired_page_token)?,
+        (None, token) => {
+            let from = token
+                .as_deref()
+                .map(|t| decode_deltatoken(t).ok_or_else(sync_state_not_found))
+                .transpose()?;
+            // Graph keeps the `$select` with the token: a deltaLink round selects as before.
+            let select = match from {
+                None => opts.select.clone(),
+                Some(id) => state.delta_state(id, kind)?.select.clone(),
+            };
+            DeltaSelect::parse(select.as_deref(), kind)?;
+            (from, state.push_delta_state(kind, select), 0)
+        }
+    };
+    let to_state = state.delta_state(to, kind)?;
+    let old = from
+        .map(|id| state.delta_state(id, kind).map(|s| Arc::clone(&s.tenant)))
+        .transpose()?;
+    let select = DeltaSelect::parse(to_state.select.as_deref(), kind)?;
+    let values = delta_values(kind, &select, old.as_deref(), &to_state.tenant);
+    let cap = match kind {
+        DeltaKind::Groups => GROUP_DELTA_PAGE_SIZE,
+        DeltaKind::Users => USER_DELTA_PAGE_SIZE,
+    };
+    let size = ctx
+        .max_page_size
+        .unwrap_or(DEFAULT_PAGE_SIZE)
+        .min(cap)
+        .min(state.page_size_cap)
+        .max(1);
+    let total = values.len();
+    let start = offset.min(total);
+    let end = start.saturating_add(size).min(total);
+    let mut body = Map::new();
+    body.insert("@odata.context".into(), select.context(kind).into());
+    if end < total {
+        let link = format!(
+            "{base_url}{raw_path}?$skiptoken={}",
+            encode_delta_skiptoken(from, to, end)
+        );
+        body.insert("@odata.nextLink".into(), link.into());
+    } else {
+        let link = format!("{base_url}{raw_path}?$deltatoken={}", encode_deltatoken(to));
+        body.insert("@odata.deltaLink".into(), link.into());
+    }
+    let page: Vec<Value> = values.into_iter().skip(start).take(end - start).collect();
+    body.insert("value".into(), Value::Array(page));
+    Ok(Value::Object(body))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -2315,5 +2740,444 @@ mod tests {
         assert!(parse_filter("displayName eq 'x' and").is_err());
         assert_eq!(percent_decode("a%27b+c%2", true), b"a'b c%2".to_vec());
         assert_eq!(percent_decode("a+b%20", false), b"a+b ".to_vec());
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Delta
+    // -----------------------------------------------------------------------------------------
+
+    const GROUPS_DELTA: &str = "/groups/delta?$select=displayName,members";
+    const USERS_DELTA: &str = "/users/delta?$select=userPrincipalName,displayName,accountEnabled";
+
+    async fn get_prefer(
+        url: &str,
+        token: &str,
+        max_page_size: Option<usize>,
+    ) -> (reqwest::StatusCode, Value) {
+        let mut req = client().get(url).bearer_auth(token);
+        if let Some(n) = max_page_size {
+            req = req.header("Prefer", format!("odata.maxpagesize={n}"));
+        }
+        let resp = req.send().await.expect("graph request");
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// One delta round: every page (nextLinks followed) and the deltaLink it ends with.
+    async fn delta_round(url: &str, token: &str, prefer: Option<usize>) -> (Vec<Value>, String) {
+        let mut pages = Vec::new();
+        let mut url = url.to_owned();
+        loop {
+            let (status, body) = get_prefer(&url, token, prefer).await;
+            assert_eq!(status, 200, "{url}: {body}");
+            let next = body["@odata.nextLink"].as_str().map(str::to_owned);
+            let delta = body["@odata.deltaLink"].as_str().map(str::to_owned);
+            pages.push(body);
+            match (next, delta) {
+                (Some(next), None) => url = next,
+                (None, Some(delta)) => return (pages, delta),
+                other => panic!("a page needs exactly one of the links: {other:?}"),
+            }
+            assert!(pages.len() < 50, "paging does not terminate");
+        }
+    }
+
+    fn values(pages: &[Value]) -> Vec<Value> {
+        pages
+            .iter()
+            .flat_map(|p| p["value"].as_array().expect("value array").clone())
+            .collect()
+    }
+
+    fn member(kind: &str, id: &str) -> Value {
+        json!({"@odata.type": format!("#microsoft.graph.{kind}"), "id": id})
+    }
+
+    fn gone_member(kind: &str, id: &str) -> Value {
+        json!({"@odata.type": format!("#microsoft.graph.{kind}"), "id": id, "@removed": {"reason": "deleted"}})
+    }
+
+    #[tokio::test]
+    async fn delta_full_round_has_graph_shapes_and_pages_by_prefer() {
+        let fg = FakeGraph::start(fixture()).await.unwrap();
+        let token = token(&fg).await;
+        let first = format!("{}{GROUPS_DELTA}", fg.graph_url());
+        let (pages, delta_link) = delta_round(&first, &token, Some(3)).await;
+        assert_eq!(
+            pages
+                .iter()
+                .map(|p| p["value"].as_array().unwrap().len())
+                .collect::<Vec<_>>(),
+            vec![3, 3, 1]
+        );
+        for page in &pages {
+            assert_eq!(
+                page["@odata.context"],
+                "https://graph.microsoft.com/v1.0/$metadata#groups(displayName,members)"
+            );
+        }
+        let next = pages[0]["@odata.nextLink"].as_str().unwrap();
+        assert!(
+            next.starts_with(&format!("{}/groups/delta?$skiptoken=", fg.graph_url())),
+            "{next}"
+        );
+        assert!(
+            delta_link.starts_with(&format!("{}/groups/delta?$deltatoken=", fg.graph_url())),
+            "{delta_link}"
+        );
+        let groups = values(&pages);
+        assert_eq!(
+            groups[0],
+            json!({
+                "id": "g-eng",
+                "displayName": "Engineering",
+                "members@delta": [member("user", "u1"), member("group", "g-backend")],
+            }),
+            "the dangling 'ghost' member is skipped"
+        );
+        assert_eq!(
+            groups
+                .iter()
+                .map(|g| g["id"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+            vec![
+                "g-eng",
+                "g-backend",
+                "g-db",
+                "g-quote",
+                "g-adm1",
+                "g-adm2",
+                "g-all"
+            ]
+        );
+
+        // Users: every selected property, no @odata.type; one page of at most 200.
+        let (pages, _) = delta_round(
+            &format!("{}{USERS_DELTA}", fg.graph_url()),
+            &token,
+            Some(999),
+        )
+        .await;
+        assert_eq!(pages.len(), 1);
+        assert_eq!(
+            pages[0]["@odata.context"],
+            "https://graph.microsoft.com/v1.0/$metadata#users(userPrincipalName,displayName,accountEnabled)"
+        );
+        assert_eq!(
+            values(&pages)[4],
+            json!({"id": "u5", "userPrincipalName": "eve@example.com", "displayName": "Eve", "accountEnabled": false})
+        );
+
+        // Page sizes: Prefer is capped at 200 users and 100 groups; 100 without Prefer; the
+        // server-wide cap applies too.
+        fg.with_tenant(|t| {
+            for n in 0..250 {
+                t.users
+                    .push(user(&format!("x{n}"), &format!("x{n}@example.com"), "X"));
+                t.groups.push(group(&format!("gx{n}"), "GX", &[]));
+            }
+        });
+        let sizes = |pages: &[Value]| {
+            pages
+                .iter()
+                .map(|p| p["value"].as_array().unwrap().len())
+                .collect::<Vec<_>>()
+        };
+        let users = format!("{}{USERS_DELTA}", fg.graph_url());
+        let groups = format!("{}{GROUPS_DELTA}", fg.graph_url());
+        assert_eq!(
+            sizes(&delta_round(&users, &token, Some(999)).await.0),
+            vec![200, 55]
+        );
+        assert_eq!(
+            sizes(&delta_round(&users, &token, None).await.0),
+            vec![100, 100, 55]
+        );
+        assert_eq!(
+            sizes(&delta_round(&groups, &token, Some(999)).await.0),
+            vec![100, 100, 57]
+        );
+        fg.set_page_size_cap(120);
+        assert_eq!(
+            sizes(&delta_round(&users, &token, Some(999)).await.0),
+            vec![120, 120, 15]
+        );
+    }
+
+    #[tokio::test]
+    async fn delta_rounds_report_what_changed_since_their_token() {
+        let fg = FakeGraph::start(fixture()).await.unwrap();
+        let token = token(&fg).await;
+        let groups = format!("{}{GROUPS_DELTA}", fg.graph_url());
+        let users = format!("{}{USERS_DELTA}", fg.graph_url());
+        let (_, group_link) = delta_round(&groups, &token, None).await;
+        let (_, user_link) = delta_round(&users, &token, None).await;
+        fg.with_tenant(|t| {
+            let eng = t.groups.iter_mut().find(|g| g.id == "g-eng").unwrap();
+            eng.members.retain(|m| m != "u1");
+            eng.members.push("u4".into());
+            t.groups
+                .iter_mut()
+                .find(|g| g.id == "g-adm1")
+                .unwrap()
+                .display_name = "Root".into();
+            t.groups.retain(|g| g.id != "g-quote");
+            t.users
+                .iter_mut()
+                .find(|u| u.id == "u2")
+                .unwrap()
+                .account_enabled = false;
+            t.users.retain(|u| u.id != "u3");
+        });
+        let (pages, next_group_link) = delta_round(&group_link, &token, None).await;
+        assert_eq!(
+            values(&pages),
+            vec![
+                json!({"id": "g-eng", "displayName": "Engineering",
+                       "members@delta": [member("user", "u4"), gone_member("user", "u1")]}),
+                // u3 was deleted: it leaves every group it was in.
+                json!({"id": "g-db", "displayName": "Database",
+                       "members@delta": [gone_member("user", "u3")]}),
+                json!({"id": "g-adm1", "displayName": "Root", "members@delta": []}),
+                json!({"id": "g-all", "displayName": "Everyone",
+                       "members@delta": [gone_member("user", "u3")]}),
+                json!({"id": "g-quote", "@removed": {"reason": "deleted"}}),
+            ]
+        );
+        let (pages, _) = delta_round(&user_link, &token, None).await;
+        assert_eq!(
+            values(&pages),
+            vec![
+                json!({"id": "u2", "userPrincipalName": "bob@example.com", "displayName": "Bob", "accountEnabled": false}),
+                json!({"id": "u3", "@removed": {"reason": "deleted"}}),
+            ]
+        );
+        // Nothing changed since: an empty page with a new deltaLink.
+        let (pages, third) = delta_round(&next_group_link, &token, None).await;
+        assert_eq!(pages.len(), 1);
+        assert!(values(&pages).is_empty());
+        assert_ne!(third, next_group_link);
+    }
+
+    #[tokio::test]
+    async fn delta_keeps_select_with_the_token_and_pages_stay_stable_mid_round() {
+        let fg = FakeGraph::start(fixture()).await.unwrap();
+        let token = token(&fg).await;
+        let url = format!("{}/users/delta?$select=displayName", fg.graph_url());
+        let (_, link) = delta_round(&url, &token, None).await;
+        assert!(!link.contains("select"), "{link}");
+        fg.with_tenant(|t| {
+            t.users[0].display_name = "Alice B.".into();
+            t.users[1].account_enabled = false; // not selected: not reported
+        });
+        let (pages, link) = delta_round(&link, &token, None).await;
+        assert_eq!(
+            values(&pages),
+            vec![json!({"id": "u1", "displayName": "Alice B."})]
+        );
+
+        // A change made while a round pages through is not mixed into it: the round reports
+        // the tenant as it was at its first page, and the next round reports the change.
+        let (status, first) = get_prefer(&link, &token, Some(1)).await;
+        assert_eq!(status, 200);
+        assert!(first["value"].as_array().unwrap().is_empty());
+        let (status, page) =
+            get_prefer(&format!("{}/users/delta", fg.graph_url()), &token, Some(2)).await;
+        assert_eq!(status, 200);
+        fg.with_tenant(|t| t.users.retain(|u| u.id != "u1"));
+        let mut full = page["value"].as_array().unwrap().clone();
+        let mut next = page["@odata.nextLink"].as_str().map(str::to_owned);
+        let mut delta = None;
+        while let Some(url) = next.take() {
+            let (status, page) = get_prefer(&url, &token, Some(2)).await;
+            assert_eq!(status, 200, "{page}");
+            full.extend(page["value"].as_array().unwrap().clone());
+            next = page["@odata.nextLink"].as_str().map(str::to_owned);
+            delta = page["@odata.deltaLink"].as_str().map(str::to_owned);
+        }
+        assert_eq!(
+            ids(&json!({ "value": full })),
+            vec!["u1", "u2", "u3", "u4", "u5"]
+        );
+        let (pages, _) = delta_round(&delta.unwrap(), &token, None).await;
+        assert_eq!(
+            values(&pages),
+            vec![json!({"id": "u1", "@removed": {"reason": "deleted"}})]
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_unknown_or_evicted_delta_tokens_are_410_sync_state_not_found() {
+        let fg = FakeGraph::start(fixture()).await.unwrap();
+        let token = token(&fg).await;
+        let groups = format!("{}{GROUPS_DELTA}", fg.graph_url());
+        let users = format!("{}{USERS_DELTA}", fg.graph_url());
+        let assert_gone = |(status, body): (reqwest::StatusCode, Value)| {
+            assert_eq!(status, 410, "{body}");
+            assert_eq!(body["error"]["code"], "syncStateNotFound", "{body}");
+        };
+        let (_, first) = delta_round(&groups, &token, None).await;
+        let (_, user_link) = delta_round(&users, &token, None).await;
+        // A users token on the groups function, and a token never issued.
+        let token_of = |link: &str| link.split_once("$deltatoken=").unwrap().1.to_owned();
+        assert_gone(
+            get_prefer(
+                &format!(
+                    "{}/groups/delta?$deltatoken={}",
+                    fg.graph_url(),
+                    token_of(&user_link)
+                ),
+                &token,
+                None,
+            )
+            .await,
+        );
+        assert_gone(
+            get_prefer(
+                &format!("{}/groups/delta?$deltatoken=abc", fg.graph_url()),
+                &token,
+                None,
+            )
+            .await,
+        );
+        // 16 later rounds evict the first state.
+        let mut link = first.clone();
+        for _ in 0..DELTA_HISTORY {
+            link = delta_round(&link, &token, None).await.1;
+        }
+        assert_gone(get_prefer(&first, &token, None).await);
+        assert_eq!(get_prefer(&link, &token, None).await.0, 200);
+
+        // After expiry, deltaLinks and the nextLinks of a round in progress are gone.
+        let (_, page) = get_prefer(&groups, &token, Some(2)).await;
+        let next = page["@odata.nextLink"].as_str().unwrap().to_owned();
+        fg.expire_delta_links();
+        assert_gone(get_prefer(&link, &token, None).await);
+        assert_gone(get_prefer(&next, &token, None).await);
+        // A skiptoken that is not one of ours is a bad page token, not an expiry.
+        let (status, body) = get_prefer(
+            &format!("{}/groups/delta?$skiptoken=zz", fg.graph_url()),
+            &token,
+            None,
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["code"], "Directory_ExpiredPageToken");
+        // A full round works again.
+        assert_eq!(values(&delta_round(&groups, &token, None).await.0).len(), 7);
+        // $deltatoken outside delta, and $top on delta, are refused.
+        let (status, _) = get_prefer(
+            &format!("{}/groups?$deltatoken={}", fg.graph_url(), token_of(&link)),
+            &token,
+            None,
+        )
+        .await;
+        assert_eq!(status, 400);
+        let (status, _) = get_prefer(
+            &format!("{}/users/delta?$top=5", fg.graph_url()),
+            &token,
+            None,
+        )
+        .await;
+        assert_eq!(status, 400);
+    }
+
+    #[tokio::test]
+    async fn delta_routes_see_faults_and_are_recorded() {
+        let fg = FakeGraph::start(fixture()).await.unwrap();
+        let token = token(&fg).await;
+        fg.inject(Fault::new("$skiptoken", 429).retry_after(3).times(1));
+        let first = format!("{}{GROUPS_DELTA}", fg.graph_url());
+        let (status, page) = get_prefer(&first, &token, Some(5)).await;
+        assert_eq!(status, 200);
+        let next = page["@odata.nextLink"].as_str().unwrap().to_owned();
+        let resp = client()
+            .get(&next)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "3");
+        let (status, page) = get_prefer(&next, &token, Some(5)).await;
+        assert_eq!(status, 200, "the retry of the same page is served");
+        assert!(page["@odata.deltaLink"].is_string());
+        let paths: Vec<String> = fg
+            .requests()
+            .into_iter()
+            .map(|r| r.path_and_query)
+            .collect();
+        assert_eq!(paths.len(), 4, "{paths:?}");
+        assert_eq!(paths[1], "/v1.0/groups/delta?$select=displayName,members");
+        assert!(
+            paths[2].starts_with("/v1.0/groups/delta?$skiptoken="),
+            "{paths:?}"
+        );
+        // Without a bearer token, delta is 401 like every Graph route.
+        let (status, _, _) = get(&first, None).await;
+        assert_eq!(status, 401);
+    }
+
+    #[test]
+    fn delta_tokens_round_trip_and_reject_garbage() {
+        assert_eq!(
+            decode_delta_skiptoken(&encode_delta_skiptoken(Some(3), 4, 200)),
+            Some((Some(3), 4, 200))
+        );
+        assert_eq!(
+            decode_delta_skiptoken(&encode_delta_skiptoken(None, 0, 7)),
+            Some((None, 0, 7))
+        );
+        assert_eq!(decode_deltatoken(&encode_deltatoken(12)), Some(12));
+        assert_eq!(decode_deltatoken(&encode_skiptoken(12)), None);
+        assert_eq!(
+            decode_delta_skiptoken(&opaque("fake-graph-delta:1:2:3:4")),
+            None
+        );
+        assert_eq!(
+            decode_delta_skiptoken(&opaque("fake-graph-delta:x:2:3")),
+            None
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "prefer",
+            HeaderValue::from_static("return=minimal, odata.maxpagesize=7"),
+        );
+        assert_eq!(prefer_max_page_size(&headers), Some(7));
+        headers.insert("prefer", HeaderValue::from_static("odata.maxpagesize=lots"));
+        assert_eq!(prefer_max_page_size(&headers), None);
+    }
+
+    #[test]
+    fn long_member_lists_are_split_over_several_objects_of_the_same_group() {
+        let mut tenant = fixture();
+        let many: Vec<String> = (0..DELTA_MEMBERS_PER_OBJECT + 5)
+            .map(|n| format!("m{n}"))
+            .collect();
+        for id in &many {
+            tenant
+                .users
+                .push(user(id, &format!("{id}@example.com"), id));
+        }
+        tenant.groups.push(Group {
+            id: "g-big".into(),
+            display_name: "Big".into(),
+            members: many.clone(),
+        });
+        let select = DeltaSelect::parse(Some("displayName,members"), DeltaKind::Groups).unwrap();
+        let values = delta_values(DeltaKind::Groups, &select, None, &tenant);
+        let big: Vec<&Value> = values.iter().filter(|v| v["id"] == "g-big").collect();
+        assert_eq!(big.len(), 2);
+        assert_eq!(big[0]["displayName"], "Big");
+        assert_eq!(
+            big[0]["members@delta"].as_array().unwrap().len(),
+            DELTA_MEMBERS_PER_OBJECT
+        );
+        assert!(big[1].get("displayName").is_none());
+        assert_eq!(big[1]["members@delta"].as_array().unwrap().len(), 5);
     }
 }
