@@ -13,6 +13,7 @@
 //!
 //! See docs/benchmark.md for what each column means and bounds it.
 
+use entra_sso_sync::cache::{self, Principals};
 use entra_sso_sync::config::Config;
 use entra_sso_sync::engine::{ApplySettings, Engine, Mode, RunRequest, Target};
 use entra_sso_sync::fakes::synth::{Spec, World};
@@ -25,6 +26,8 @@ use entra_sso_sync::rate::{
     with_quotas, IDENTITY_STORE_RATE, MAX_OUTSTANDING_CREATIONS, SSO_ADMIN_RATE,
 };
 use entra_sso_sync::report::Report;
+use entra_sso_sync::state::StateStore;
+use entra_sso_sync::tenant::{self, Replica};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -157,17 +160,23 @@ struct Row {
 /// The lower bound on calls for a run over `tenant`, given what Identity Center and the ledger
 /// held before it and the changes it had to make.
 ///
-/// - Graph: one request per distinct Entra group a rule names (look-up by name or id), plus
-///   one per 999-member page of each distinct members-mode group's transitive users. `$batch`
-///   saves round trips, not throttling units, so it does not lower this.
+/// A first run (nothing in the state table):
+/// - Graph: the cheaper of one request per distinct Entra group a rule names plus one per
+///   999-member page of each members-mode group's transitive users, and the full delta rounds
+///   (100 groups, 200 users per page). `$batch` saves round trips, not throttling units.
 /// - identitystore: for users and for groups, the cheaper of listing the store (100 per page)
 ///   and one look-up per wanted principal.
 /// - sso-admin: `ListPermissionSets` pages plus one `DescribePermissionSet` per set (rules name
-///   permission sets by name), one `ListAccountAssignments` per 100-principal page of every
-///   (account, permission set) pair in play (the rules' pairs and the ledger's), and two
-///   requests per change (the request and one status poll).
+///   permission sets by name), the reads of the changed pairs, and two requests per change
+///   (the request and one status read).
 /// - organizations: the reads of the tree (see `FakeOrganizations::snapshot_calls`) and the
 ///   caller's account.
+///
+/// A later run, with the tenant replica, the caches and the ledger in the state table: Graph
+/// one delta page per stream, or the pages of the groups and users that changed; identitystore
+/// the principals not resolved before; sso-admin `ListPermissionSets`, the changed pairs'
+/// reads and two per change; organizations nothing while the snapshot is younger than the
+/// audit's `every_minutes`, else the tree again.
 fn bound(
     world: &World,
     tenant: &Tenant,
@@ -176,6 +185,15 @@ fn bound(
     changes: (usize, usize),
 ) -> Bound {
     let mut b = Bound::default();
+    let cached = |name: &str| fakes.state.with_data(|d| d.caches.get(name).cloned());
+    let replica = cached(tenant::CACHE_NAME).and_then(|c| Replica::decode(&c.bytes, 0).ok());
+    let known: Principals = cached(cache::PRINCIPALS)
+        .and_then(|c| serde_json::from_slice(&c.bytes).ok())
+        .unwrap_or_default();
+    let org_fresh = cached(cache::ORGANIZATION).is_some_and(|c| {
+        fakes.state.now_epoch().saturating_sub(c.written_at)
+            < u64::from(world.config().audit.every_minutes) * 60
+    });
     let named: BTreeSet<&String> = world.rules.iter().map(|r| &r.group).collect();
     b.graph = named.len() as u64;
     b.graph_units = world
@@ -207,11 +225,45 @@ fn bound(
         b.graph_units += p * u64::from(graph_cost::TRANSITIVE_PAGE);
         wanted_users.extend(users);
     }
+    // With a replica, Graph's delta rounds return only what changed since.
+    let full_delta = (pages(tenant.groups.len(), graph_cost::GROUP_DELTA_PAGE)
+        + pages(tenant.users.len(), graph_cost::USER_DELTA_PAGE)) as u64;
+    if let Some(r) = &replica {
+        let groups = tenant
+            .groups
+            .iter()
+            .filter(|(id, g)| {
+                let was: BTreeSet<String> = r
+                    .direct_members(id)
+                    .map(|(u, n)| {
+                        u.into_iter()
+                            .map(|u| u.id)
+                            .chain(n.into_iter().map(|n| n.id))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                was != g.members
+            })
+            .count();
+        let users = tenant
+            .users
+            .iter()
+            .filter(|(id, u)| r.user(id).as_ref() != Some(*u))
+            .count();
+        b.graph = (pages(groups, graph_cost::GROUP_DELTA_PAGE)
+            + pages(users, graph_cost::USER_DELTA_PAGE)) as u64;
+        b.graph_units = b.graph * u64::from(graph_cost::DELTA_PAGE);
+    } else if full_delta < b.graph {
+        b.graph = full_delta;
+        b.graph_units = full_delta * u64::from(graph_cost::DELTA_PAGE);
+    }
+    wanted_users.retain(|u| !known.users.contains_key(*u));
     let wanted_groups = world
         .rules
         .iter()
         .filter(|r| !r.members)
         .map(|r| &r.group)
+        .filter(|g| !known.groups.contains_key(*g))
         .collect::<BTreeSet<_>>()
         .len();
     b.identity_users = if wanted_users.is_empty() {
@@ -246,10 +298,19 @@ fn bound(
         .iter()
         .map(|p| pages(held.get(p).copied().unwrap_or(0), 100) as u64)
         .sum();
-    b.sso = (pages(sets, 100) + sets) as u64
+    let described = if cached(cache::PERMISSION_SETS).is_some() {
+        0
+    } else {
+        sets
+    };
+    b.sso = (pages(sets, 100) + described) as u64
         + per_pair.min(per_principal)
         + 2 * (changes.0 + changes.1) as u64;
-    b.organizations = FakeOrganizations::snapshot_calls(&world.org, false).len() as u64 + 1;
+    b.organizations = if org_fresh {
+        0
+    } else {
+        FakeOrganizations::snapshot_calls(&world.org, false).len() as u64 + 1
+    };
 
     // The quota floor: the busiest quota-bound service at its rate, or the 15 creation slots
     // each held for a mean settle time, whichever is longer, plus one settle for the last
@@ -357,6 +418,7 @@ fn apply_request() -> RunRequest {
         target: Target::All,
         deadline: None,
         full_read: false,
+        refresh: Default::default(),
     }
 }
 

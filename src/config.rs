@@ -210,6 +210,14 @@ pub struct AuditConfig {
     /// every run.
     #[serde(default = "default_audit_period_hours")]
     pub period_hours: u32,
+    /// A full run takes the audit's slice, and reads the organization again, at most this
+    /// often; the runs between read neither (0: every run).
+    #[serde(default = "default_audit_every_minutes")]
+    pub every_minutes: u32,
+}
+
+fn default_audit_every_minutes() -> u32 {
+    60
 }
 
 fn default_audit_period_hours() -> u32 {
@@ -220,6 +228,7 @@ impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             period_hours: default_audit_period_hours(),
+            every_minutes: default_audit_every_minutes(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! the Lambda handler both build a [`RunRequest`] and call [`Engine::run`].
 
 use crate::aws::AwsError;
+use crate::cache::{self, OrgView, Principals, Refresh};
 use crate::config::{AssignMode, Config, GroupRef, PermissionSetRef, Protected, Rule};
 use crate::directory::{DirGroup, DirUser, Directory, DirectoryError};
 use crate::identity::{self, IdentityStore, Kind, Wanted};
@@ -17,9 +18,10 @@ use crate::scope::{self, Expansion, Organization, ScopeError};
 use crate::settle::{Settler, Woken};
 use crate::sso::{AssignmentApi, Operation, RequestStatus};
 use crate::state::{
-    epoch_seconds, now_rfc3339, CarriedPlan, Lease, LedgerEntry, RunRecord, SourceRecord,
+    epoch_seconds, now_rfc3339, Cached, CarriedPlan, Lease, LedgerEntry, RunRecord, SourceRecord,
     StateStore,
 };
+use crate::tenant::{self, Replica};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -99,9 +101,11 @@ pub struct RunRequest {
     /// No change starts after this instant (a Lambda sets it short of its timeout); changes
     /// not started are reported as deferred and the next run picks them up.
     pub deadline: Option<Instant>,
-    /// Read every pair in play instead of trusting the state table for those nothing will
-    /// change (an audit now).
+    /// Read everything afresh: every pair in play instead of trusting the state table for
+    /// those nothing will change (an audit now), the tenant from the start, and no cache.
     pub full_read: bool,
+    /// Caches an event says are stale.
+    pub refresh: Refresh,
 }
 
 /// A run that could not complete its reads; nothing was changed.
@@ -377,20 +381,39 @@ impl Engine {
         let mirror_records = self.state.mirrors().await?;
         let seen: BTreeSet<Assignment> = self.state.seen().await?.into_iter().collect();
         let audit_cursor = self.state.audit_cursor().await?;
-        let scopes = expand_scopes(self.organizations.as_ref(), config).await?;
-        let groups = self.find_groups(config).await?;
-        let permission_sets = self.permission_sets(config).await?;
-        let selected = self
-            .select(config, &req.target, &scopes, &groups, &permission_sets)
-            .await?;
+        let keep = req.mode == Mode::Apply;
+        let refresh = if req.full_read {
+            Refresh::ALL
+        } else {
+            req.refresh
+        };
+        let now = self.state.now_epoch();
+        let scopes = self.scopes(config, refresh.organization, keep, now).await?;
+        let tenant = self.tenant(keep && !req.full_read, req.full_read).await?;
+        let groups = self.find_groups(config, &tenant)?;
+        let permission_sets = self.permission_sets(config, keep).await?;
+        let selected = self.select(
+            config,
+            &req.target,
+            &scopes,
+            &groups,
+            &permission_sets,
+            &tenant,
+        )?;
         let mut g = self
             .resolve(
                 &selected,
+                &tenant,
                 &groups,
                 &scopes,
                 permission_sets,
                 &sources,
-                config.mirror.suggest_mirror_above,
+                config,
+                Trust {
+                    refresh: refresh.principals,
+                    keep,
+                    now,
+                },
             )
             .await?;
         let mut mirror_failures = Vec::new();
@@ -442,12 +465,13 @@ impl Engine {
             .collect();
 
         // Read the pairs the plan may change and the audit's slice; trust the rest.
-        let now = self.state.now_epoch();
-        // Only a full run knows every rule's wants, so only it audits and tidies.
+        // Only a full run knows every rule's wants, so only it audits and tidies; it takes a
+        // slice at most every `audit.every_minutes`, so the runs between read no audit pairs.
         let full = matches!(req.target, Target::All);
+        let audit_due = audit_due(audit_cursor, now, &config.audit);
         let slice = if req.full_read {
             AuditSlice::Everything
-        } else if full {
+        } else if full && audit_due {
             AuditSlice::since(audit_cursor, now, config.audit.period_hours)
         } else {
             AuditSlice::Nothing
@@ -535,10 +559,11 @@ impl Engine {
                     error: "the apply lease was lost during the run".into(),
                 });
             }
-            self.record_sources(&g, req.allow_deletions.is_some()).await;
+            self.record_sources(&g, &sources, req.allow_deletions.is_some())
+                .await;
             self.record_seen(&g.rules, &actual, &owned, &seen, &to_read, full)
                 .await;
-            if full {
+            if full && (audit_due || req.full_read) {
                 if let Err(e) = self.state.put_audit_cursor(now).await {
                     tracing::warn!(error = %e, "could not move the audit cursor; the next run reads this slice again");
                 }
@@ -661,8 +686,17 @@ impl Engine {
     /// After an apply: pins each evaluated rule to the object id its group name resolved to,
     /// and remembers how many members it had. A rule whose deletions were held keeps its old
     /// count, so it stays held until the operator confirms.
-    async fn record_sources(&self, g: &Gathered, confirmed: bool) {
+    async fn record_sources(
+        &self,
+        g: &Gathered,
+        recorded: &BTreeMap<String, SourceRecord>,
+        confirmed: bool,
+    ) {
         for source in &g.sources {
+            // Unchanged since the last apply: a quiet run writes nothing.
+            if recorded.get(&source.rule) == Some(source) {
+                continue;
+            }
             let rule = g.rules.iter().find(|r| r.name == source.rule);
             if rule.is_some_and(|r| r.hold_deletions.is_some()) && !confirmed {
                 continue;
@@ -724,11 +758,84 @@ impl Engine {
         }
     }
 
-    /// Looks up each distinct Entra group once, however many rules name it. A group that does
-    /// not exist, or a name that several groups share, is an `Err` for the rules naming it.
-    pub(crate) async fn find_groups(
+    /// The Entra tenant, brought up to date from the replica in the state table by delta
+    /// rounds, and written back when `keep` and it changed (or its links are a day old). A
+    /// stored replica that cannot be read is rebuilt from Graph, with a warning.
+    pub(crate) async fn tenant(&self, keep: bool, afresh: bool) -> Result<Replica, EngineError> {
+        let now = self.state.now_epoch();
+        let cached = if afresh {
+            None
+        } else {
+            self.state.cache(tenant::CACHE_NAME).await?
+        };
+        let stored = match cached {
+            Some(c) => match Replica::decode(&c.bytes, c.written_at) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the stored tenant replica is unreadable; reading the tenant in full");
+                    None
+                }
+            },
+            None => None,
+        };
+        let (replica, summary) = tenant::sync(self.directory.as_ref(), stored, now).await?;
+        let (groups, users) = replica.len();
+        tracing::info!(
+            groups,
+            users,
+            group_changes = summary.group_changes,
+            user_changes = summary.user_changes,
+            full_reads = ?summary.full_reads,
+            "tenant replica synced"
+        );
+        if keep && (summary.changed() || !replica.links_fresh(now)) {
+            let value = Cached {
+                written_at: now,
+                bytes: replica.encode(),
+            };
+            if let Err(e) = self.state.put_cache(tenant::CACHE_NAME, &value).await {
+                tracing::warn!(error = %e, "could not store the tenant replica; the next run reads these changes again");
+            }
+        }
+        Ok(replica)
+    }
+
+    /// The rules' scopes, from the organization kept in the state table while it is younger
+    /// than `audit.every_minutes` and no event said it changed; otherwise read from
+    /// Organizations (and kept, when `keep`).
+    async fn scopes(
         &self,
         config: &Config,
+        refresh: bool,
+        keep: bool,
+        now: u64,
+    ) -> Result<Scopes, EngineError> {
+        let Some(with_tags) = organization_needed(config) else {
+            return expand_with(config, None);
+        };
+        let max_age = u64::from(config.audit.every_minutes) * 60;
+        if !refresh {
+            if let Some((view, at)) =
+                cache::load::<OrgView>(self.state.as_ref(), cache::ORGANIZATION).await?
+            {
+                if now.saturating_sub(at) < max_age && (view.with_tags || !with_tags) {
+                    return expand_with(config, Some(&view));
+                }
+            }
+        }
+        let view = read_organization(self.organizations.as_ref(), with_tags).await?;
+        if keep {
+            cache::store(self.state.as_ref(), cache::ORGANIZATION, &view, now).await;
+        }
+        expand_with(config, Some(&view))
+    }
+
+    /// Looks up each distinct Entra group once, however many rules name it. A group that does
+    /// not exist, or a name that several groups share, is an `Err` for the rules naming it.
+    pub(crate) fn find_groups(
+        &self,
+        config: &Config,
+        tenant: &Replica,
     ) -> Result<BTreeMap<GroupRef, Result<DirGroup, String>>, EngineError> {
         let mut groups = BTreeMap::new();
         for rule in &config.assignments {
@@ -736,13 +843,11 @@ impl Engine {
                 continue;
             }
             let found = match &rule.entra_group {
-                GroupRef::Id(id) => self
-                    .directory
-                    .group(id)
-                    .await?
+                GroupRef::Id(id) => tenant
+                    .group(id.as_str())
                     .ok_or_else(|| format!("Entra group {id} does not exist")),
                 GroupRef::Name(name) => {
-                    let mut hits = self.directory.groups_by_name(name).await?;
+                    let mut hits = tenant.groups_by_name(name);
                     match hits.len() {
                         1 => Ok(hits.remove(0)),
                         0 => Err(format!("no Entra group is named {name:?}")),
@@ -764,13 +869,14 @@ impl Engine {
     /// Chooses the rules a run reconciles and, for each, the accounts of its scope in play.
     /// A targeted run also takes every rule that shares an (account, permission set) pair with
     /// a chosen one, so no assignment is judged without all the rules that may want it.
-    async fn select<'a>(
+    fn select<'a>(
         &self,
         config: &'a Config,
         target: &Target,
         scopes: &'a Scopes,
         groups: &BTreeMap<GroupRef, Result<DirGroup, String>>,
         permission_sets: &PermissionSets,
+        tenant: &Replica,
     ) -> Result<Vec<Selected<'a>>, EngineError> {
         let rules: Vec<(&Rule, &Expansion)> =
             config.assignments.iter().zip(&scopes.expansions).collect();
@@ -810,10 +916,9 @@ impl Engine {
                     let hit = entra_groups
                         .iter()
                         .any(|t| t.as_str() == g.id.to_ascii_lowercase())
-                        || self
-                            .directory
+                        || tenant
                             .transitive_groups(&g.id)
-                            .await?
+                            .unwrap_or_default()
                             .iter()
                             .any(|n| {
                                 entra_groups
@@ -874,12 +979,15 @@ impl Engine {
     async fn resolve(
         &self,
         selected: &[Selected<'_>],
+        tenant: &Replica,
         groups: &BTreeMap<GroupRef, Result<DirGroup, String>>,
         scopes: &Scopes,
         permission_sets: PermissionSets,
         sources: &BTreeMap<String, SourceRecord>,
-        suggest_mirror_above: usize,
+        config: &Config,
+        trust: Trust,
     ) -> Result<Gathered, EngineError> {
+        let suggest_mirror_above = config.mirror.suggest_mirror_above;
         // Transitive members of each members/mirror group, read in full or not at all.
         let mut members: BTreeMap<String, Vec<DirUser>> = BTreeMap::new();
         for s in selected {
@@ -887,7 +995,7 @@ impl Engine {
                 (s.rule.assign, groups.get(&s.rule.entra_group))
             {
                 if !members.contains_key(&g.id) {
-                    let users = self.directory.transitive_users(&g.id).await?;
+                    let users = tenant.transitive_users(&g.id).unwrap_or_default();
                     tracing::info!(
                         group = g.display_name,
                         members = users.len(),
@@ -907,7 +1015,11 @@ impl Engine {
                 name: g.display_name.clone(),
             })
             .collect();
-        let store_groups = self.find_principals(Kind::Group, wanted_groups).await?;
+        let mut known = self.known_principals(config, trust).await?;
+        let before = known.clone();
+        let store_groups = self
+            .find_principals(Kind::Group, wanted_groups, &mut known.groups)
+            .await?;
         let wanted_users: BTreeSet<Wanted> = members
             .values()
             .flatten()
@@ -917,7 +1029,12 @@ impl Engine {
                 name: u.user_principal_name.clone(),
             })
             .collect();
-        let store_users = self.find_principals(Kind::User, wanted_users).await?;
+        let store_users = self
+            .find_principals(Kind::User, wanted_users, &mut known.users)
+            .await?;
+        if trust.keep && known != before {
+            cache::store(self.state.as_ref(), cache::PRINCIPALS, &known, trust.now).await;
+        }
 
         let mut g_out = Gathered::default();
         let mut unresolved: BTreeMap<String, Unresolved> = BTreeMap::new();
@@ -1087,6 +1204,7 @@ impl Engine {
     pub(crate) async fn permission_sets(
         &self,
         config: &Config,
+        keep: bool,
     ) -> Result<PermissionSets, EngineError> {
         let mut sets = PermissionSets::default();
         if config
@@ -1094,22 +1212,72 @@ impl Engine {
             .iter()
             .any(|r| matches!(r.permission_set, PermissionSetRef::Name(_)))
         {
-            for ps in self.sso.permission_sets().await? {
+            // Names never change for an ARN, so only sets not seen before are described.
+            let known: BTreeMap<String, String> =
+                cache::load(self.state.as_ref(), cache::PERMISSION_SETS)
+                    .await?
+                    .map(|(k, _)| k)
+                    .unwrap_or_default();
+            for ps in self.sso.permission_sets(&known).await? {
                 sets.by_name.insert(ps.name.clone(), ps.arn.clone());
                 sets.names.insert(ps.arn, ps.name);
+            }
+            if keep && sets.names != known {
+                let now = self.state.now_epoch();
+                cache::store(
+                    self.state.as_ref(),
+                    cache::PERMISSION_SETS,
+                    &sets.names,
+                    now,
+                )
+                .await;
             }
         }
         Ok(sets)
     }
 
     /// Identity-store ids for Entra objects, in about the fewer calls of listing and look-ups.
+    /// Objects `known` holds are taken from it; the rest are resolved and added to it.
     async fn find_principals(
         &self,
         kind: Kind,
         wanted: BTreeSet<Wanted>,
+        known: &mut BTreeMap<String, String>,
     ) -> Result<BTreeMap<String, String>, EngineError> {
-        let wanted: Vec<Wanted> = wanted.into_iter().collect();
-        Ok(identity::resolve(self.identity.as_ref(), kind, &wanted).await?)
+        let (hits, misses): (Vec<Wanted>, Vec<Wanted>) = wanted
+            .into_iter()
+            .partition(|w| known.contains_key(&w.entra_id));
+        let mut found = identity::resolve(self.identity.as_ref(), kind, &misses).await?;
+        known.extend(found.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for w in hits {
+            if let Some(id) = known.get(&w.entra_id) {
+                found.insert(w.entra_id, id.clone());
+            }
+        }
+        Ok(found)
+    }
+
+    /// The principal cache, unless an event or `full_read` asks for fresh ids or it was built
+    /// more than `audit.period_hours` ago (then it starts empty and is built again).
+    async fn known_principals(
+        &self,
+        config: &Config,
+        trust: Trust,
+    ) -> Result<Principals, EngineError> {
+        let max_age = u64::from(config.audit.period_hours) * 3600;
+        if !trust.refresh {
+            if let Some((known, _)) =
+                cache::load::<Principals>(self.state.as_ref(), cache::PRINCIPALS).await?
+            {
+                if trust.now.saturating_sub(known.built_at) < max_age {
+                    return Ok(known);
+                }
+            }
+        }
+        Ok(Principals {
+            built_at: trust.now,
+            ..Principals::default()
+        })
     }
 
     /// Applies a plan: ledger housekeeping, then creations, then deletions, each request
@@ -1566,47 +1734,94 @@ fn op_name(op: Operation) -> &'static str {
     }
 }
 
-/// Expands every rule's scope, reading the organization once when some rule needs it.
-pub async fn expand_scopes(
+/// Whether any rule's scope needs the organization, and if so whether with account tags.
+fn organization_needed(config: &Config) -> Option<bool> {
+    config
+        .assignments
+        .iter()
+        .any(scope::needs_organization)
+        .then(|| {
+            config
+                .assignments
+                .iter()
+                .any(|r| !r.account_tags.is_empty())
+        })
+}
+
+/// Reads the organization (and, when it has a management account, the caller's account).
+async fn read_organization(
     organizations: &dyn OrganizationApi,
-    config: &Config,
-) -> Result<Scopes, EngineError> {
-    let needs_org = config.assignments.iter().any(scope::needs_organization);
+    with_tags: bool,
+) -> Result<OrgView, EngineError> {
+    let organization = organizations.snapshot(with_tags).await?;
+    let caller = match organization.management_account {
+        Some(_) => organizations.caller_account().await?,
+        None => None,
+    };
+    tracing::info!(
+        accounts = organization.accounts.len(),
+        units = organization.units.len(),
+        "read the organization"
+    );
+    Ok(OrgView {
+        with_tags,
+        organization,
+        caller,
+    })
+}
+
+/// Expands every rule's scope against the organization, when a rule needs it.
+fn expand_with(config: &Config, view: Option<&OrgView>) -> Result<Scopes, EngineError> {
     let mut unmanageable = BTreeMap::new();
-    let org = if needs_org {
-        let with_tags = config
-            .assignments
-            .iter()
-            .any(|r| !r.account_tags.is_empty());
-        let org = organizations.snapshot(with_tags).await?;
-        if let Some(mgmt) = &org.management_account {
-            let caller = organizations.caller_account().await?;
-            if caller.as_ref() != Some(mgmt) {
+    if let Some(v) = view {
+        if let Some(mgmt) = &v.organization.management_account {
+            if v.caller.as_ref() != Some(mgmt) {
                 unmanageable.insert(
                     mgmt.clone(),
                     "the management account: a delegated administrator cannot manage its assignments".to_string(),
                 );
             }
         }
-        tracing::info!(
-            accounts = org.accounts.len(),
-            units = org.units.len(),
-            "read the organization"
-        );
-        Some(org)
-    } else {
-        None
-    };
+    }
     let expansions = config
         .assignments
         .iter()
-        .map(|r| scope::expand(r, org.as_ref()))
+        .map(|r| scope::expand(r, view.map(|v| &v.organization)))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Scopes {
         expansions,
         unmanageable,
-        organization: org,
+        organization: view.map(|v| v.organization.clone()),
     })
+}
+
+/// Expands every rule's scope, reading the organization when a rule needs it.
+pub async fn expand_scopes(
+    organizations: &dyn OrganizationApi,
+    config: &Config,
+) -> Result<Scopes, EngineError> {
+    let view = match organization_needed(config) {
+        Some(with_tags) => Some(read_organization(organizations, with_tags).await?),
+        None => None,
+    };
+    expand_with(config, view.as_ref())
+}
+
+/// Whether a full run takes an audit slice now: at most every `audit.every_minutes`.
+fn audit_due(cursor: Option<u64>, now: u64, audit: &crate::config::AuditConfig) -> bool {
+    audit.period_hours == 0
+        || cursor.is_none_or(|c| now.saturating_sub(c) >= u64::from(audit.every_minutes) * 60)
+}
+
+/// How a run may use the principal cache.
+#[derive(Clone, Copy, Debug)]
+struct Trust {
+    /// An event said identity-store ids may have changed: resolve everything afresh.
+    refresh: bool,
+    /// Write what was learnt back (apply runs).
+    keep: bool,
+    /// The state table's clock.
+    now: u64,
 }
 
 /// The Engine could not be wired to its services.

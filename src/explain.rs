@@ -2,11 +2,12 @@
 //! answers for people, from the same configuration, scopes and lookups a run uses.
 
 use crate::config::{AssignMode, Config};
-use crate::directory::{DirGroup, Directory};
+use crate::directory::DirGroup;
 use crate::engine::{expand_scopes, Engine, EngineError};
 use crate::identity::Kind;
 use crate::model::{AccountId, PrincipalType};
 use crate::organizations::OrganizationApi;
+use crate::tenant::Replica;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -139,8 +140,9 @@ pub async fn explain_user(
     upn: &str,
 ) -> Result<UserExplanation, EngineError> {
     let scopes = expand_scopes(engine.organizations.as_ref(), config).await?;
-    let groups = engine.find_groups(config).await?;
-    let permission_sets = engine.permission_sets(config).await?;
+    let tenant = engine.tenant(false, false).await?;
+    let groups = engine.find_groups(config, &tenant)?;
+    let permission_sets = engine.permission_sets(config, false).await?;
     let user_id = engine.identity.find(Kind::User, upn).await?;
     let mirrors: BTreeMap<String, String> = engine
         .state
@@ -169,7 +171,7 @@ pub async fn explain_user(
             }
             None => continue,
         };
-        reach.path = path_to_user(engine.directory.as_ref(), group, upn).await?;
+        reach.path = path_to_user(&tenant, group, upn);
         if reach.path.is_empty() {
             reach.verdict = format!(
                 "not a member of Entra group {:?}, directly or through nesting",
@@ -240,17 +242,13 @@ pub async fn explain_user(
 
 /// The nesting path from `group` down to the user (group names, then the user), breadth
 /// first so the shortest path is shown; empty when the user is not a member. Cycle-safe.
-async fn path_to_user(
-    directory: &dyn Directory,
-    group: &DirGroup,
-    upn: &str,
-) -> Result<Vec<String>, EngineError> {
+fn path_to_user(tenant: &Replica, group: &DirGroup, upn: &str) -> Vec<String> {
     let mut parent: BTreeMap<String, (Option<String>, String)> = BTreeMap::new();
     parent.insert(group.id.clone(), (None, group.display_name.clone()));
     let mut queue = VecDeque::from([group.id.clone()]);
     let mut seen = BTreeSet::from([group.id.clone()]);
     while let Some(id) = queue.pop_front() {
-        let (users, groups) = directory.direct_members(&id).await?;
+        let (users, groups) = tenant.direct_members(&id).unwrap_or_default();
         if let Some(u) = users
             .iter()
             .find(|u| u.user_principal_name.eq_ignore_ascii_case(upn))
@@ -263,7 +261,7 @@ async fn path_to_user(
                 cur = up;
             }
             path.reverse();
-            return Ok(path);
+            return path;
         }
         for g in groups {
             if seen.insert(g.id.clone()) {
@@ -272,7 +270,7 @@ async fn path_to_user(
             }
         }
     }
-    Ok(Vec::new())
+    Vec::new()
 }
 
 impl UserExplanation {

@@ -484,12 +484,15 @@ impl FakeAssignments {
 
 #[async_trait]
 impl AssignmentApi for FakeAssignments {
-    async fn permission_sets(&self) -> Result<Vec<PermissionSet>, AwsError> {
+    async fn permission_sets(
+        &self,
+        known: &BTreeMap<String, String>,
+    ) -> Result<Vec<PermissionSet>, AwsError> {
         let sets = lock(&self.data).permission_sets.clone();
         self.svc
             .aws_pages("ListPermissionSets", pages(sets.len(), 100), || Ok(()))
             .await?;
-        for _ in &sets {
+        for _ in sets.iter().filter(|s| !known.contains_key(&s.arn)) {
             crate::rate::pace_page().await;
             self.svc.aws("DescribePermissionSet", || Ok(())).await?;
         }
@@ -1147,7 +1150,7 @@ impl FakeDirectory {
     /// charged, and the new state is stored under a fresh link once every page has succeeded,
     /// so a failed round leaves the history as it was.
     #[allow(clippy::too_many_arguments)]
-    async fn delta_round<S, C>(
+    async fn delta_round<S: PartialEq, C>(
         &self,
         stream: &'static str,
         op: &'static str,
@@ -1201,6 +1204,14 @@ impl FakeDirectory {
             .await?;
         }
         let mut h = lock(&self.delta);
+        // A state already stored keeps its link, so a client that keeps an old link through
+        // quiet rounds (as the engine does) finds it valid, as Graph's links stay for days.
+        if let Some((token, _)) = history(&mut h).iter().find(|(_, s)| *s == state) {
+            return Ok(DeltaRound {
+                changes,
+                delta_link: format!("{prefix}{token}"),
+            });
+        }
         let token = h.next_token;
         h.next_token += 1;
         let stored = history(&mut h);
@@ -1620,10 +1631,10 @@ mod delta_tests {
             ]
         );
 
-        // Nothing changed since: an empty round, still one page, and a new link.
+        // Nothing changed since: an empty round, still one page, and the same state's link.
         let quiet = d.groups_delta(Some(&round.delta_link)).await.unwrap();
         assert!(quiet.changes.is_empty());
-        assert_ne!(quiet.delta_link, round.delta_link);
+        assert_eq!(quiet.delta_link, round.delta_link);
         assert_eq!(op_calls(&d, "GroupsDelta"), 3);
 
         // An older link still answers, from its own state.
@@ -1664,9 +1675,12 @@ mod delta_tests {
                 .await
         ));
         assert!(expired(d.groups_delta(Some("https://elsewhere/")).await));
-        // Eight newer rounds evict the first link.
+        // Eight newer states evict the first link.
         let mut link = first.clone();
-        for _ in 0..DELTA_HISTORY {
+        for i in 0..DELTA_HISTORY {
+            d.with_tenant(|t| {
+                t.groups.get_mut("g2").unwrap().display_name = format!("renamed {i}");
+            });
             link = d.groups_delta(Some(&link)).await.unwrap().delta_link;
         }
         assert!(expired(d.groups_delta(Some(&first)).await));
@@ -1859,7 +1873,13 @@ pub struct StateData {
     pub audit_cursor: Option<u64>,
     /// Creations carried to the next run.
     pub carried: Option<crate::state::CarriedPlan>,
+    /// Cached values by name.
+    pub caches: BTreeMap<String, crate::state::Cached>,
 }
+
+/// Bytes a DynamoDB Query page returns (1 MB), and what one cache chunk item holds.
+const QUERY_PAGE_BYTES: usize = 1_000_000;
+const CACHE_CHUNK_BYTES: usize = 350_000;
 
 /// The state table in memory. Its clock (for lease expiry) is the wall-clock epoch when it was
 /// made plus the virtual time elapsed since, so leases expire under paused time.
@@ -1965,6 +1985,61 @@ impl StateStore for FakeState {
             self.svc.aws("PutItem", || Ok(())).await?;
         }
         lock(&self.data).carried = (!plan.creates.is_empty()).then(|| plan.clone());
+        Ok(())
+    }
+
+    async fn cache(&self, name: &str) -> Result<Option<crate::state::Cached>, AwsError> {
+        let value = lock(&self.data).caches.get(name).cloned();
+        let size = value.as_ref().map_or(0, |v| v.bytes.len());
+        self.svc
+            .aws_pages("Query", pages(size, QUERY_PAGE_BYTES), || Ok(()))
+            .await?;
+        Ok(value)
+    }
+
+    async fn put_cache(&self, name: &str, value: &crate::state::Cached) -> Result<(), AwsError> {
+        let old_chunks = lock(&self.data)
+            .caches
+            .get(name)
+            .map(|v| pages(v.bytes.len(), CACHE_CHUNK_BYTES));
+        // The production adapter's requests: the head, batches of new chunks, the new head,
+        // batches deleting the old chunks.
+        self.svc.aws("GetItem", || Ok(())).await?;
+        let new_chunks = pages(value.bytes.len(), CACHE_CHUNK_BYTES);
+        self.svc
+            .aws_pages("BatchWriteItem", pages(new_chunks, 25), || Ok(()))
+            .await?;
+        self.svc
+            .aws("PutItem", || {
+                lock(&self.data)
+                    .caches
+                    .insert(name.to_string(), value.clone());
+                Ok(())
+            })
+            .await?;
+        if let Some(old) = old_chunks {
+            self.svc
+                .aws_pages("BatchWriteItem", pages(old, 25), || Ok(()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn remove_cache(&self, name: &str) -> Result<(), AwsError> {
+        let existed = self
+            .svc
+            .aws("GetItem", || Ok(lock(&self.data).caches.remove(name)))
+            .await?;
+        if let Some(old) = existed {
+            self.svc.aws("DeleteItem", || Ok(())).await?;
+            self.svc
+                .aws_pages(
+                    "BatchWriteItem",
+                    pages(pages(old.bytes.len(), CACHE_CHUNK_BYTES), 25),
+                    || Ok(()),
+                )
+                .await?;
+        }
         Ok(())
     }
 

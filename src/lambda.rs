@@ -26,6 +26,7 @@
 //! Whatever the event, a deployment in dry-run mode (`DRY_RUN=true`) only plans.
 
 use crate::aws::load_config;
+use crate::cache::Refresh;
 use crate::config::{Config, ConfigError, IdentityStoreId, InstanceArn};
 use crate::engine::{ConnectError, Engine, EngineError, Mode, RunRequest, Target};
 use crate::model::{AccountId, Guid};
@@ -89,6 +90,8 @@ pub enum Action {
         target: Target,
         /// The operator's one-off deletion allowance (manual invocations only).
         allow_deletions: Option<u32>,
+        /// Caches the event says are stale (the organization, identity-store ids).
+        refresh: Refresh,
     },
     /// A recognised event that changes nothing, such as an account creation that failed.
     Skip {
@@ -217,10 +220,24 @@ fn run(trigger: impl Into<String>, mode: Mode, target: Target) -> Invocation {
             mode,
             target,
             allow_deletions: None,
+            refresh: Refresh::default(),
         },
         rejected: Vec::new(),
     }
 }
+
+impl Invocation {
+    /// The same invocation, also refreshing `r` when it runs.
+    fn refreshing(mut self, r: Refresh) -> Invocation {
+        if let Action::Run { refresh, .. } = &mut self.action {
+            *refresh = refresh.merge(r);
+        }
+        self
+    }
+}
+
+/// SCIM and API calls that create or delete users or groups: identity-store ids may change.
+const ID_CHANGING_CALLS: [&str; 4] = ["CreateUser", "DeleteUser", "CreateGroup", "DeleteGroup"];
 
 fn skip(trigger: impl Into<String>, reason: impl Into<String>) -> Invocation {
     Invocation {
@@ -395,9 +412,17 @@ fn classify_cloudtrail(detail: &Map<String, Value>) -> Result<Invocation, EventE
             ));
         }
         // The values are masked (HIDDEN_DUE_TO_SECURITY_REASONS): a trigger only.
-        return Ok(run(trigger, Mode::Apply, Target::All));
+        return Ok(run(trigger, Mode::Apply, Target::All).refreshing(Refresh {
+            principals: ID_CHANGING_CALLS.contains(&name),
+            organization: false,
+        }));
     }
-    classify_organizations(name, detail)
+    classify_organizations(name, detail).map(|inv| {
+        inv.refreshing(Refresh {
+            organization: true,
+            principals: false,
+        })
+    })
 }
 
 /// An Organizations CloudTrail event: account created, moved or retagged.
@@ -598,6 +623,12 @@ fn classify_manual(obj: &Map<String, Value>) -> Result<Invocation, EventError> {
             mode,
             target: Target::All,
             allow_deletions,
+            // An operator asking for a run wants it from fresh reads.
+            refresh: if trigger == "manual" {
+                Refresh::ALL
+            } else {
+                Refresh::default()
+            },
         },
         rejected: Vec::new(),
     })
@@ -632,7 +663,7 @@ fn classify_sqs(obj: &Map<String, Value>) -> Result<Invocation, EventError> {
         }
     }
     let total = records.len();
-    let mut runs: Vec<(Mode, Target)> = Vec::new();
+    let mut runs: Vec<(Mode, Target, Refresh)> = Vec::new();
     let mut skipped: Vec<String> = Vec::new();
     let mut rejected: Vec<String> = Vec::new();
     for (i, r) in records.iter().enumerate() {
@@ -654,9 +685,15 @@ fn classify_sqs(obj: &Map<String, Value>) -> Result<Invocation, EventError> {
         };
         match classified {
             Ok(Invocation {
-                action: Action::Run { mode, target, .. },
+                action:
+                    Action::Run {
+                        mode,
+                        target,
+                        refresh,
+                        ..
+                    },
                 ..
-            }) => runs.push((mode, target)),
+            }) => runs.push((mode, target, refresh)),
             Ok(Invocation {
                 action: Action::Skip { reason },
                 ..
@@ -671,18 +708,19 @@ fn classify_sqs(obj: &Map<String, Value>) -> Result<Invocation, EventError> {
             first: rejected.first().cloned().unwrap_or_default(),
         });
     }
-    let action = match runs.into_iter().reduce(|(m1, t1), (m2, t2)| {
+    let action = match runs.into_iter().reduce(|(m1, t1, r1), (m2, t2, r2)| {
         let mode = if m1 == Mode::Apply || m2 == Mode::Apply {
             Mode::Apply
         } else {
             Mode::Plan
         };
-        (mode, t1.merge(t2))
+        (mode, t1.merge(t2), r1.merge(r2))
     }) {
-        Some((mode, target)) => Action::Run {
+        Some((mode, target, refresh)) => Action::Run {
             mode,
             target,
             allow_deletions: None,
+            refresh,
         },
         None => Action::Skip {
             reason: format!(
@@ -1154,7 +1192,7 @@ impl App {
         for r in &invocation.rejected {
             tracing::warn!(record = %r, "SQS record skipped: not a recognised event");
         }
-        let (mode, target, allow_deletions) = match invocation.action {
+        let (mode, target, allow_deletions, refresh) = match invocation.action {
             Action::Skip { reason } => {
                 tracing::info!(trigger = %invocation.trigger, reason = %reason, "nothing to reconcile");
                 let mut out = json!({
@@ -1169,7 +1207,8 @@ impl App {
                 mode,
                 target,
                 allow_deletions,
-            } => (mode, target, allow_deletions),
+                refresh,
+            } => (mode, target, allow_deletions, refresh),
         };
         let mode = if self.dry_run && mode == Mode::Apply {
             tracing::info!("DRY_RUN is set: planning only");
@@ -1190,6 +1229,7 @@ impl App {
             deadline: lambda_deadline
                 .map(|d| tokio::time::Instant::from_std(run_deadline(d, Instant::now()))),
             full_read: false,
+            refresh,
         };
         let report = match engine.run(&config, &request).await {
             Ok(r) => r,
@@ -1300,6 +1340,7 @@ mod tests {
                 mode,
                 target,
                 allow_deletions,
+                ..
             } => (*mode, target, *allow_deletions),
             Action::Skip { reason } => panic!("expected a run, got a skip: {reason}"),
         }

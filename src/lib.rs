@@ -8,6 +8,7 @@
 //! ([`lambda`]) are thin entry points over the same engine.
 
 pub mod aws;
+pub mod cache;
 pub mod config;
 pub mod directory;
 pub mod engine;
@@ -27,6 +28,7 @@ pub mod scope;
 pub mod settle;
 pub mod sso;
 pub mod state;
+pub mod tenant;
 
 /// Formats an error with its chain of causes (skipping causes its message already contains),
 /// for the command line's and the Lambda's error messages.

@@ -151,6 +151,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
         target: Target::All,
         deadline: None,
         full_read,
+        refresh: Default::default(),
     };
     let report = engine.run(&config, &request).await.map_err(|e| chain(&e))?;
     print(args.output, &report, || report.to_text())?;

@@ -299,11 +299,17 @@ where
     T: Deref + Send + Sync,
     T::Target: AssignmentApi,
 {
-    async fn permission_sets(&self) -> Result<Vec<PermissionSet>, AwsError> {
-        // ListPermissionSets pages plus one DescribePermissionSet per set.
+    async fn permission_sets(
+        &self,
+        known: &BTreeMap<String, String>,
+    ) -> Result<Vec<PermissionSet>, AwsError> {
+        // ListPermissionSets pages plus one DescribePermissionSet per set not known.
         self.call_paged(
-            || self.inner.permission_sets(),
-            |sets| pages(sets.len()) - 1 + u32::try_from(sets.len()).unwrap_or(u32::MAX),
+            || self.inner.permission_sets(known),
+            |sets| {
+                let described = sets.iter().filter(|s| !known.contains_key(&s.arn)).count();
+                pages(sets.len()) - 1 + u32::try_from(described).unwrap_or(u32::MAX)
+            },
         )
         .await
     }
@@ -538,7 +544,10 @@ mod tests {
 
     #[async_trait]
     impl AssignmentApi for Pages {
-        async fn permission_sets(&self) -> Result<Vec<PermissionSet>, AwsError> {
+        async fn permission_sets(
+            &self,
+            _: &BTreeMap<String, String>,
+        ) -> Result<Vec<PermissionSet>, AwsError> {
             Ok(vec![])
         }
         async fn assigned(&self, _: &AccountId, _: &str) -> Result<Vec<Principal>, AwsError> {
@@ -621,7 +630,10 @@ mod tests {
 
     #[async_trait]
     impl AssignmentApi for Flaky {
-        async fn permission_sets(&self) -> Result<Vec<PermissionSet>, AwsError> {
+        async fn permission_sets(
+            &self,
+            _: &BTreeMap<String, String>,
+        ) -> Result<Vec<PermissionSet>, AwsError> {
             Ok(vec![])
         }
         async fn assigned(&self, _: &AccountId, _: &str) -> Result<Vec<Principal>, AwsError> {

@@ -4,11 +4,11 @@
 
 use crate::config::{AccountRef, OuRef, Rule};
 use crate::model::AccountId;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// An account's lifecycle status in AWS Organizations.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AccountStatus {
     /// Usable: the only status that is targeted.
     Active,
@@ -17,7 +17,7 @@ pub enum AccountStatus {
 }
 
 /// One account of the organization.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrgAccount {
     /// Account name.
     pub name: String,
@@ -30,7 +30,7 @@ pub struct OrgAccount {
 }
 
 /// One organizational unit, or the root.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrgUnit {
     /// Name (`Root` for the root).
     pub name: String,
@@ -39,7 +39,7 @@ pub struct OrgUnit {
 }
 
 /// A snapshot of the organization.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Organization {
     /// The root's id (`r-…`).
     pub root_id: String,

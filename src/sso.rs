@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use aws_sdk_ssoadmin::types::{
     OperationStatusFilter, PrincipalType as SdkPrincipalType, StatusValues, TargetType,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// An Identity Center instance.
@@ -53,7 +53,13 @@ pub enum RequestStatus {
 #[async_trait]
 pub trait AssignmentApi: Send + Sync {
     /// Every permission set of the instance with its name.
-    async fn permission_sets(&self) -> Result<Vec<PermissionSet>, AwsError>;
+    /// Every permission set of the instance with its name. Names in `known` (by ARN) are
+    /// taken as they are, since a permission set's name cannot change; only the others are
+    /// described.
+    async fn permission_sets(
+        &self,
+        known: &BTreeMap<String, String>,
+    ) -> Result<Vec<PermissionSet>, AwsError>;
     /// The principals assigned `permission_set_arn` in `account` (paged to the end).
     async fn assigned(
         &self,
@@ -192,7 +198,10 @@ fn to_status(
 
 #[async_trait]
 impl AssignmentApi for SdkAssignments {
-    async fn permission_sets(&self) -> Result<Vec<PermissionSet>, AwsError> {
+    async fn permission_sets(
+        &self,
+        known: &BTreeMap<String, String>,
+    ) -> Result<Vec<PermissionSet>, AwsError> {
         let arns = crate::rate::all_pages(|token| async move {
             self.count();
             let page = self
@@ -209,6 +218,13 @@ impl AssignmentApi for SdkAssignments {
         .await?;
         let mut out = Vec::with_capacity(arns.len());
         for arn in arns {
+            if let Some(name) = known.get(&arn) {
+                out.push(PermissionSet {
+                    name: name.clone(),
+                    arn,
+                });
+                continue;
+            }
             crate::rate::pace_page().await;
             self.count();
             let d = self

@@ -12,12 +12,17 @@
 //! - `pk = "SOURCE"`, `sk = <rule name>`: the Entra group object id the rule's name resolved
 //!   to (the pin) and how many members it had at the last apply.
 //! - `pk = "LEASE"`, `sk = "apply"`: the run allowed to change things, until `expires_at`.
+//! - `pk = "CACHE#<name>"`: one cached value (the Entra tenant replica, the organization, the
+//!   permission sets, resolved principals) as `sk = "head"` (generation, chunk count, when
+//!   written) and `sk = "<generation>#<chunk>"` binary chunks, so a value larger than an item
+//!   is swapped in whole or not at all.
 
 use crate::aws::AwsError;
 use crate::model::{AccountId, Assignment, PrincipalType};
 use crate::plan::Owned;
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::{AttributeValue, DeleteRequest, PutRequest, WriteRequest};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -45,6 +50,21 @@ pub struct CarriedPlan {
     pub creates: Vec<Assignment>,
 }
 const LEASE_SK: &str = "apply";
+const CACHE_PK: &str = "CACHE#";
+const CACHE_HEAD: &str = "head";
+/// Bytes per cache chunk: an item holds at most 400 KB.
+const CACHE_CHUNK: usize = 350_000;
+/// Writes per `BatchWriteItem` (DynamoDB's limit).
+const BATCH_WRITES: usize = 25;
+
+/// A value cached in the state table, with when it was written (seconds since the epoch).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cached {
+    /// When it was written, on the state table's clock.
+    pub written_at: u64,
+    /// The value.
+    pub bytes: Vec<u8>,
+}
 const SERVICE: &str = "dynamodb";
 /// DynamoDB's item limit is 400 KB; keep the stored report well under it.
 const MAX_REPORT_BYTES: usize = 300_000;
@@ -163,6 +183,12 @@ pub trait StateStore: Send + Sync {
     async fn carried_plan(&self) -> Result<Option<CarriedPlan>, AwsError>;
     /// Replaces the carried plan (an empty one clears it).
     async fn put_carried_plan(&self, plan: &CarriedPlan) -> Result<(), AwsError>;
+    /// The cached value `name`, if one was written.
+    async fn cache(&self, name: &str) -> Result<Option<Cached>, AwsError>;
+    /// Replaces the cached value `name` whole (readers see the old or the new one).
+    async fn put_cache(&self, name: &str, value: &Cached) -> Result<(), AwsError>;
+    /// Forgets the cached value `name`, so the next run reads afresh.
+    async fn remove_cache(&self, name: &str) -> Result<(), AwsError>;
     /// The clock leases and the audit go by (seconds since the epoch).
     fn now_epoch(&self) -> u64 {
         epoch_seconds()
@@ -662,6 +688,86 @@ impl StateStore for DynamoState {
         Ok(())
     }
 
+    async fn cache(&self, name: &str) -> Result<Option<Cached>, AwsError> {
+        let pk = format!("{CACHE_PK}{name}");
+        let items = self.partition(&pk, false, None).await?;
+        let malformed =
+            |m: String| AwsError::malformed(SERVICE, "Query", format!("cache {name}: {m}"));
+        let Some(head) = items.iter().find(|i| get_s(i, "sk") == Ok(CACHE_HEAD)) else {
+            return Ok(None);
+        };
+        let head = CacheHead::parse(head).map_err(malformed)?;
+        let prefix = format!("{}#", head.generation);
+        let mut bytes = Vec::new();
+        let mut chunks = 0;
+        // Chunks sort by their zero-padded number, so concatenating in key order restores them.
+        for item in &items {
+            if get_s(item, "sk").is_ok_and(|sk| sk.starts_with(&prefix)) {
+                let Some(AttributeValue::B(blob)) = item.get("data") else {
+                    return Err(malformed("a chunk has no binary data".into()));
+                };
+                bytes.extend_from_slice(blob.as_ref());
+                chunks += 1;
+            }
+        }
+        if chunks != head.chunks {
+            return Err(malformed(format!(
+                "{chunks} chunks found of the {} its head names",
+                head.chunks
+            )));
+        }
+        Ok(Some(Cached {
+            written_at: head.written_at,
+            bytes,
+        }))
+    }
+
+    async fn put_cache(&self, name: &str, value: &Cached) -> Result<(), AwsError> {
+        let pk = format!("{CACHE_PK}{name}");
+        let old = self.cache_head(&pk).await?;
+        // A new generation's chunks go first and the head flips to them in one write, so a
+        // reader never sees a mix; the old generation's chunks are deleted after.
+        let generation = format!("{:020}", old.as_ref().map_or(0, |h| h.number() + 1));
+        let chunks: Vec<&[u8]> = value.bytes.chunks(CACHE_CHUNK).collect();
+        let puts = chunks.iter().enumerate().map(|(i, c)| {
+            PutRequest::builder()
+                .item("pk", s(&pk))
+                .item("sk", s(format!("{generation}#{i:05}")))
+                .item("data", AttributeValue::B(Blob::new(c.to_vec())))
+                .build()
+                .map(|p| WriteRequest::builder().put_request(p).build())
+                .map_err(|e| AwsError::malformed(SERVICE, "BatchWriteItem", e.to_string()))
+        });
+        self.batch_write(puts.collect()).await?;
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(&pk))
+            .item("sk", s(CACHE_HEAD))
+            .item("generation", s(&generation))
+            .item("chunks", AttributeValue::N(chunks.len().to_string()))
+            .item(
+                "written_at",
+                AttributeValue::N(value.written_at.to_string()),
+            )
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "PutItem", e))?;
+        if let Some(old) = old {
+            self.delete_chunks(&pk, &old).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove_cache(&self, name: &str) -> Result<(), AwsError> {
+        let pk = format!("{CACHE_PK}{name}");
+        if let Some(old) = self.cache_head(&pk).await? {
+            self.delete(&pk, CACHE_HEAD).await?;
+            self.delete_chunks(&pk, &old).await?;
+        }
+        Ok(())
+    }
+
     async fn acquire_lease(&self, holder: &str, ttl_seconds: u64) -> Result<Lease, AwsError> {
         if self.write_lease(holder, ttl_seconds, false).await? {
             return Ok(Lease::Acquired);
@@ -708,6 +814,100 @@ impl StateStore for DynamoState {
             Err(e) if e.code() != Some("ConditionalCheckFailedException") => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+/// A cache's head item: which generation of chunks is current.
+struct CacheHead {
+    generation: String,
+    chunks: usize,
+    written_at: u64,
+}
+
+impl CacheHead {
+    fn parse(item: &HashMap<String, AttributeValue>) -> Result<CacheHead, String> {
+        let number = |key: &str| -> Result<u64, String> {
+            item.get(key)
+                .and_then(|v| v.as_n().ok())
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("head attribute {key} is not a number"))
+        };
+        Ok(CacheHead {
+            generation: get_s(item, "generation")?.to_string(),
+            chunks: usize::try_from(number("chunks")?).map_err(|e| e.to_string())?,
+            written_at: number("written_at")?,
+        })
+    }
+
+    fn number(&self) -> u64 {
+        self.generation.parse().unwrap_or_default()
+    }
+}
+
+impl DynamoState {
+    async fn cache_head(&self, pk: &str) -> Result<Option<CacheHead>, AwsError> {
+        let item = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(pk))
+            .key("sk", s(CACHE_HEAD))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| AwsError::sdk(SERVICE, "GetItem", e))?
+            .item;
+        item.map(|i| CacheHead::parse(&i))
+            .transpose()
+            .map_err(|m| AwsError::malformed(SERVICE, "GetItem", format!("{pk}: {m}")))
+    }
+
+    async fn delete_chunks(&self, pk: &str, head: &CacheHead) -> Result<(), AwsError> {
+        let deletes = (0..head.chunks).map(|i| {
+            DeleteRequest::builder()
+                .key("pk", s(pk))
+                .key("sk", s(format!("{}#{i:05}", head.generation)))
+                .build()
+                .map(|d| WriteRequest::builder().delete_request(d).build())
+                .map_err(|e| AwsError::malformed(SERVICE, "BatchWriteItem", e.to_string()))
+        });
+        self.batch_write(deletes.collect()).await
+    }
+
+    /// Sends writes 25 at a time, resending what DynamoDB leaves unprocessed.
+    async fn batch_write(
+        &self,
+        writes: Vec<Result<WriteRequest, AwsError>>,
+    ) -> Result<(), AwsError> {
+        let writes: Vec<WriteRequest> = writes.into_iter().collect::<Result<_, _>>()?;
+        for batch in writes.chunks(BATCH_WRITES) {
+            let mut pending = batch.to_vec();
+            for attempt in 0.. {
+                let out = self
+                    .client
+                    .batch_write_item()
+                    .request_items(&self.table, pending)
+                    .send()
+                    .await
+                    .map_err(|e| AwsError::sdk(SERVICE, "BatchWriteItem", e))?;
+                pending = out
+                    .unprocessed_items
+                    .and_then(|mut m| m.remove(&self.table))
+                    .unwrap_or_default();
+                if pending.is_empty() {
+                    break;
+                }
+                if attempt == 8 {
+                    return Err(AwsError::malformed(
+                        SERVICE,
+                        "BatchWriteItem",
+                        format!("{} writes still unprocessed after 8 retries", pending.len()),
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt.min(5))).await;
+            }
+        }
+        Ok(())
     }
 }
 

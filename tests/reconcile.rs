@@ -298,6 +298,7 @@ async fn an_assignment_deleted_by_hand_is_recreated_and_stays_owned() {
         target: Target::All,
         deadline: None,
         full_read: true,
+        refresh: Default::default(),
     };
     let report = s.run_request(&config, &audit).await.unwrap();
     assert_eq!(report.pairs_trusted, 0);
@@ -322,6 +323,7 @@ async fn a_run_past_its_deadline_starts_nothing_more_and_the_next_run_continues(
         target: Target::All,
         deadline: Some(tokio::time::Instant::now()),
         full_read: false,
+        refresh: Default::default(),
     };
     let report = s.run_request(&config, &request).await.unwrap();
     assert_eq!(report.outcome, Outcome::Partial);

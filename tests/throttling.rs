@@ -119,6 +119,7 @@ async fn apply(engine: &Engine) -> Report {
                 target: Target::All,
                 deadline: None,
                 full_read: false,
+                refresh: Default::default(),
             },
         )
         .await

@@ -180,6 +180,7 @@ impl Stack {
             target,
             deadline: None,
             full_read: false,
+            refresh: Default::default(),
         };
         self.run_request(config, &request).await
     }
