@@ -886,6 +886,41 @@ mod tests {
     }
 
     #[test]
+    fn gone_or_sync_state_codes_are_delta_expiry_and_other_errors_stay() {
+        let http = |status, code: Option<&str>| DirectoryError::Http {
+            what: "GET /groups/delta page 1".into(),
+            status,
+            code: code.map(str::to_string),
+            message: "m".into(),
+        };
+        for e in [
+            http(410, None),
+            http(400, Some("syncStateNotFound")),
+            http(400, Some("ResyncRequired")),
+        ] {
+            assert!(
+                matches!(delta_expired(e), DirectoryError::DeltaExpired { ref what, .. } if what == "GET /groups/delta page 1")
+            );
+        }
+        assert!(matches!(
+            delta_expired(http(404, Some("Request_ResourceNotFound"))),
+            DirectoryError::Http { status: 404, .. }
+        ));
+    }
+
+    #[test]
+    fn paging_and_delta_tokens_are_cut_from_graph_messages() {
+        let url = Url::parse(
+            "https://graph.example/v1.0/groups/delta?$deltatoken=SECRETISH&$select=displayName",
+        )
+        .unwrap();
+        assert_eq!(
+            redact_paging_tokens("token SECRETISH is bad; displayName".into(), &url),
+            "token … is bad; displayName"
+        );
+    }
+
+    #[test]
     fn token_errors_keep_only_the_first_line_of_the_description() {
         let d = token_error_detail(
             r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret.\r\nTrace ID: x"}"#,
