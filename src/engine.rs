@@ -382,11 +382,14 @@ impl Engine {
         let seen: BTreeSet<Assignment> = self.state.seen().await?.into_iter().collect();
         let audit_cursor = self.state.audit_cursor().await?;
         let keep = req.mode == Mode::Apply;
-        let refresh = if req.full_read {
+        let mut refresh = if req.full_read {
             Refresh::ALL
         } else {
             req.refresh
         };
+        // Accounts are targeted because they were created, moved or retagged.
+        refresh.organization |=
+            matches!(&req.target, Target::Only { accounts, .. } if !accounts.is_empty());
         let now = self.state.now_epoch();
         let scopes = self.scopes(config, refresh.organization, keep, now).await?;
         let tenant = self.tenant(keep && !req.full_read, req.full_read).await?;
@@ -976,6 +979,7 @@ impl Engine {
 
     /// Reads members and finds the identity-store principals and permission sets of the
     /// selected rules; checks name pins and sudden loss of members against the last apply.
+    #[allow(clippy::too_many_arguments)] // each is a distinct input the resolution needs
     async fn resolve(
         &self,
         selected: &[Selected<'_>],
@@ -1247,7 +1251,8 @@ impl Engine {
         let (hits, misses): (Vec<Wanted>, Vec<Wanted>) = wanted
             .into_iter()
             .partition(|w| known.contains_key(&w.entra_id));
-        let mut found = identity::resolve(self.identity.as_ref(), kind, &misses).await?;
+        let mut found =
+            identity::resolve(self.identity.as_ref(), kind, &misses, known.len()).await?;
         known.extend(found.iter().map(|(k, v)| (k.clone(), v.clone())));
         for w in hits {
             if let Some(id) = known.get(&w.entra_id) {

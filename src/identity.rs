@@ -346,11 +346,15 @@ pub struct Wanted {
 /// for more pages than there are objects to find; if it has more, the objects not yet matched
 /// are looked up by name (the SCIM issuer that an external-id look-up needs is not
 /// documented). So the cost is at most twice the cheaper strategy's, and the listing's when
-/// the store is small. Objects not found are absent from the map.
+/// the store is small. `known_size` is how many objects the store is already known to hold
+/// (the principal cache's count): when listing them would take more pages than there are
+/// objects to find, they are looked up straight away. Objects not found are absent from the
+/// map.
 pub async fn resolve(
     store: &dyn IdentityStore,
     kind: Kind,
     wanted: &[Wanted],
+    known_size: usize,
 ) -> Result<BTreeMap<String, String>, AwsError> {
     let by_entra: BTreeMap<&str, &Wanted> =
         wanted.iter().map(|w| (w.entra_id.as_str(), w)).collect();
@@ -363,7 +367,8 @@ pub async fn resolve(
     }
     let (mut by_external_id, mut by_store_name) = (BTreeMap::new(), BTreeMap::new());
     let (mut token, mut listed, mut complete) = (None, 0, wanted.is_empty());
-    while !complete && listed < wanted.len() {
+    let listing_pays = known_size.div_ceil(LIST_PAGE) < wanted.len();
+    while listing_pays && !complete && listed < wanted.len() {
         let (entries, next) = store.list_page(kind, token.take()).await?;
         listed += 1;
         for e in entries {
@@ -398,6 +403,9 @@ pub async fn resolve(
     }
     Ok(found)
 }
+
+/// Objects per `ListUsers` / `ListGroups` page.
+const LIST_PAGE: usize = 100;
 
 /// Identity Center compares user names case-insensitively; group names exactly.
 fn name_key(kind: Kind, name: &str) -> String {
@@ -505,7 +513,7 @@ mod tests {
             wanted("e3", "carol@x"),
             wanted("e4", "nobody@x"),
         ];
-        let got = resolve(&s, Kind::User, &want).await.unwrap();
+        let got = resolve(&s, Kind::User, &want, 0).await.unwrap();
         assert_eq!(got.get("e1").map(String::as_str), Some("u-alice"));
         assert_eq!(
             got.get("e3").map(String::as_str),
@@ -527,10 +535,23 @@ mod tests {
             .collect();
         let s = store(users);
         let want = [wanted("e0", "user0@x"), wanted("e9", "user9@x")];
-        let got = resolve(&s, Kind::User, &want).await.unwrap();
+        let got = resolve(&s, Kind::User, &want, 0).await.unwrap();
         assert_eq!(got.get("e0").map(String::as_str), Some("u-0"));
         assert_eq!(got.get("e9").map(String::as_str), Some("u-9"));
         assert_eq!(*s.calls.lock().unwrap(), vec!["list", "list", "find"]);
+    }
+
+    #[tokio::test]
+    async fn a_store_known_to_be_large_is_looked_up_without_listing() {
+        let users = (0..10)
+            .map(|i| entry(&format!("u-{i}"), &format!("user{i}@x"), &[]))
+            .collect();
+        let s = store(users);
+        let want = [wanted("e3", "user3@x")];
+        // The cache knows 150 objects: two pages, more than the one object to find.
+        let got = resolve(&s, Kind::User, &want, 150).await.unwrap();
+        assert_eq!(got.get("e3").map(String::as_str), Some("u-3"));
+        assert_eq!(*s.calls.lock().unwrap(), vec!["find"]);
     }
 
     #[tokio::test]
@@ -550,10 +571,10 @@ mod tests {
             wanted("e1", "user1@x"),
             wanted("e2", "user2@x"),
         ];
-        let got = resolve(&s, Kind::User, &want).await.unwrap();
+        let got = resolve(&s, Kind::User, &want, 0).await.unwrap();
         assert_eq!(got.len(), 3);
         assert_eq!(*s.calls.lock().unwrap(), vec!["list", "list"]);
-        assert!(resolve(&s, Kind::User, &[]).await.unwrap().is_empty());
+        assert!(resolve(&s, Kind::User, &[], 0).await.unwrap().is_empty());
         assert_eq!(
             s.calls.lock().unwrap().len(),
             2,

@@ -63,7 +63,7 @@ async fn members_mode_flattens_three_levels_of_nesting_across_pages() {
         .graph
         .requests()
         .iter()
-        .filter(|r| r.path_and_query.contains("transitiveMembers"))
+        .filter(|r| r.path_and_query.contains("/groups/delta"))
         .count();
     assert!(pages >= 2, "paged through {pages} pages");
     let names: BTreeSet<_> = report
@@ -178,6 +178,8 @@ async fn a_graph_failure_mid_paging_aborts_before_any_change() {
             .unwrap();
         g.members.retain(|m| *m != oid(4));
     });
+    // A full round (the stored link expired) pages one group at a time; page 2 keeps failing.
+    s.graph.expire_delta_links();
     s.graph.set_page_size_cap(1);
     s.graph.inject(Fault::new("$skiptoken", 503));
 
@@ -195,9 +197,16 @@ async fn a_graph_failure_mid_paging_aborts_before_any_change() {
 async fn graph_throttling_is_retried_with_retry_after() {
     let s = Stack::new().await;
     s.graph
-        .inject(Fault::new("transitiveMembers", 429).retry_after(0).times(2));
+        .inject(Fault::new("groups/delta", 429).retry_after(0).times(2));
     let report = s.run(&s.config(DEVS_MEMBERS), Mode::Apply).await;
     assert_eq!(report.outcome, Outcome::Applied);
+    let throttled_then_served = s
+        .graph
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.contains("groups/delta"))
+        .count();
+    assert_eq!(throttled_then_served, 3, "two 429s, then the page");
     assert_eq!(
         s.assigned(ACCOUNT_B, &s.read_ps).await,
         s.users(&[3, 4, 5, 6])

@@ -213,22 +213,18 @@ async fn no_secret_or_token_reaches_the_state_table() {
 async fn malformed_graph_answers_change_nothing() {
     for (path, status, body) in [
         (
-            "transitiveMembers",
+            "groups/delta",
             200,
             "{\"value\": [{\"id\": \"x\", \"userPrincipalName\"",
         ),
         (
-            "transitiveMembers",
+            "groups/delta",
             200,
             "{\"value\": [{\"userPrincipalName\": \"no-id@x\"}]}",
         ),
+        ("groups/delta", 200, "{\"value\": {\"not\": \"a list\"}}"),
         (
-            "transitiveMembers",
-            200,
-            "{\"value\": {\"not\": \"a list\"}}",
-        ),
-        (
-            "transitiveMembers",
+            "groups/delta",
             200,
             "{\"value\": [], \"@odata.nextLink\": \"https://evil.example/steal\"}",
         ),

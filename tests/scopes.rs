@@ -4,7 +4,8 @@
 mod common;
 
 use common::*;
-use entra_sso_sync::engine::{EngineError, Mode, Target};
+use entra_sso_sync::cache::Refresh;
+use entra_sso_sync::engine::{EngineError, Mode, RunRequest, Target};
 use entra_sso_sync::model::AccountId;
 use entra_sso_sync::report::Outcome;
 use std::collections::BTreeSet;
@@ -203,7 +204,20 @@ async fn a_scope_that_empties_holds_its_deletions() {
         "prod",
         "    organizational_units: [Root/Workloads/Prod/Payments]\n",
     ));
-    let report = s.run(&config, Mode::Apply).await;
+    // A full run as the MoveAccount events cause it: the organization is read afresh.
+    let request = RunRequest {
+        mode: Mode::Apply,
+        trigger: "test".into(),
+        allow_deletions: None,
+        target: Target::All,
+        deadline: None,
+        full_read: false,
+        refresh: Refresh {
+            organization: true,
+            principals: false,
+        },
+    };
+    let report = s.run_request(&config, &request).await.unwrap();
     assert_eq!(report.outcome, Outcome::Guarded, "{}", report.to_text());
     assert_eq!(report.rules[0].accounts, 0);
     assert_eq!(report.held.len(), 2);

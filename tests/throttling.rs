@@ -314,3 +314,55 @@ async fn a_quiet_run_trusts_the_ledger_and_the_audit_catches_a_deletion_made_by_
     );
     assert_converged(&fakes, &report, &want);
 }
+
+#[tokio::test(start_paused = true)]
+async fn quiet_runs_read_graph_by_delta_and_trust_their_caches_until_an_event() {
+    fastrand::seed(10);
+    let fakes = fakes(SsoSettings::default());
+    let engine = with_quotas(fakes.engine(ApplySettings::default()));
+    let cold = apply(&engine).await;
+    // The engine's call counters run on across runs: a run's calls are the difference.
+    let spent = |before: &Report, after: &Report, service: &str| {
+        after.calls[service] - before.calls[service]
+    };
+
+    // Nothing changed: one delta page per stream, the permission set from the cache (one
+    // listing, no description), no identity-store call.
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    let quiet = apply(&engine).await;
+    assert_eq!(quiet.outcome, Outcome::InSync, "{}", quiet.to_text());
+    assert_eq!(spent(&cold, &quiet, "graph"), 2);
+    assert_eq!(spent(&cold, &quiet, "identitystore"), 0);
+    assert_eq!(spent(&cold, &quiet, "sso-admin"), 1);
+
+    // A user joins: the delta round brings it, only that user is looked up, and it is granted.
+    fakes.directory.with_tenant(|t| {
+        t.groups
+            .get_mut(GROUP)
+            .unwrap()
+            .members
+            .insert(user_oid(120));
+    });
+    let joined = apply(&engine).await;
+    assert_converged(&fakes, &joined, &desired((0..100).chain([120])));
+    assert_eq!(joined.creates.len(), ACCOUNTS);
+    assert_eq!(spent(&quiet, &joined, "graph"), 2);
+    assert_eq!(spent(&quiet, &joined, "identitystore"), 1);
+
+    // A SCIM create or delete event: every id is resolved afresh.
+    let request = RunRequest {
+        mode: Mode::Apply,
+        trigger: "test".into(),
+        allow_deletions: None,
+        target: Target::All,
+        deadline: None,
+        full_read: false,
+        refresh: entra_sso_sync::cache::Refresh {
+            principals: true,
+            organization: false,
+        },
+    };
+    let refreshed = engine.run(&config(), &request).await.unwrap();
+    assert_eq!(refreshed.outcome, Outcome::InSync);
+    assert!(spent(&joined, &refreshed, "identitystore") > 1);
+}
