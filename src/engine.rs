@@ -1608,7 +1608,9 @@ impl AuditSlice {
     }
 }
 
-/// A pair's fixed place in [0, 1): FNV-1a of its text, so every run and every process agrees.
+/// A pair's fixed place in [0, 1): FNV-1a of its text, so every run and every process agrees,
+/// then SplitMix64's finaliser, since FNV's high bits cluster for texts that differ only at
+/// the end (as account ids and permission set ARNs do) and a slice would read unevenly.
 fn position(account: &AccountId, permission_set_arn: &str) -> f64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in account
@@ -1620,6 +1622,9 @@ fn position(account: &AccountId, permission_set_arn: &str) -> f64 {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
