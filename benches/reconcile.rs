@@ -183,6 +183,7 @@ fn bound(
     fakes: &Fakes,
     pairs: &BTreeSet<(AccountId, String)>,
     changes: (usize, usize),
+    now: u64,
 ) -> Bound {
     let mut b = Bound::default();
     let cached = |name: &str| fakes.state.with_data(|d| d.caches.get(name).cloned());
@@ -191,8 +192,7 @@ fn bound(
         .and_then(|c| serde_json::from_slice(&c.bytes).ok())
         .unwrap_or_default();
     let org_fresh = cached(cache::ORGANIZATION).is_some_and(|c| {
-        fakes.state.now_epoch().saturating_sub(c.written_at)
-            < u64::from(world.config().audit.every_minutes) * 60
+        now.saturating_sub(c.written_at) < u64::from(world.config().audit.every_minutes) * 60
     });
     let named: BTreeSet<&String> = world.rules.iter().map(|r| &r.group).collect();
     b.graph = named.len() as u64;
@@ -479,7 +479,8 @@ fn run_case(
         .filter(|a| want.contains(*a) || ledger.contains_key(*a))
         .map(|a| (a.account_id.clone(), a.permission_set_arn.clone()))
         .collect();
-    let bound = bound(world, &tenant, fakes, &changed, (creates, deletes));
+    let now = rt.block_on(async { fakes.state.now_epoch() });
+    let bound = bound(world, &tenant, fakes, &changed, (creates, deletes), now);
     drop((ledger, actual, tenant));
 
     fakes.reset_counts();
@@ -609,7 +610,9 @@ fn run_size(spec: &Spec) -> (Vec<Row>, String) {
         .state
         .with_data(|d| d.audit_cursor)
         .unwrap_or_default();
-    let wait = (cursor + every).saturating_sub(fakes.state.now_epoch());
+    // The fake's clock follows tokio's paused time only inside the runtime.
+    let now = rt.block_on(async { fakes.state.now_epoch() });
+    let wait = (cursor + every).saturating_sub(now);
     rt.block_on(async { tokio::time::sleep(SCHEDULE.max(Duration::from_secs(wait))).await });
     rows.push(run_case(&rt, &world, &fakes, &engine, "quiet, hourly"));
     // Steady state: nothing changed, 15 minutes after that: what three runs in four cost.

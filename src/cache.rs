@@ -69,6 +69,12 @@ pub struct Principals {
     pub users: BTreeMap<String, String>,
     /// Groups: Entra object id → identity-store group id.
     pub groups: BTreeMap<String, String>,
+    /// Users in the store, as counted by the last listing to its end.
+    #[serde(default)]
+    pub users_in_store: Option<usize>,
+    /// Groups in the store, likewise.
+    #[serde(default)]
+    pub groups_in_store: Option<usize>,
 }
 
 /// The cached value `name` as JSON, with when it was written; `None` when there is none or it

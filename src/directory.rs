@@ -1,9 +1,11 @@
-//! Microsoft Entra, read through Microsoft Graph: groups by name or id, and their transitive
-//! user members. The [`Directory`] trait is what the engine needs; [`GraphClient`] is the
-//! production adapter (app-only client-credentials token, paging, `Retry-After`).
+//! Microsoft Entra, read through Microsoft Graph's delta rounds: every group with its direct
+//! members (`/groups/delta`) and every user (`/users/delta`), from the start or from a stored
+//! deltaLink. The [`Directory`] trait is what the engine needs (the tenant replica in
+//! [`crate::tenant`] is built from it); [`GraphClient`] is the production adapter (app-only
+//! client-credentials token, paging, `Retry-After`).
 //!
-//! A read either returns the complete answer or fails: a page that still fails after its
-//! retries fails the whole read, so the engine never plans from a partial member list.
+//! A round either returns the complete answer or fails: a page that still fails after its
+//! retries fails the whole round, so the engine never plans from a partial member list.
 
 use crate::model::{Guid, Secret};
 use crate::retry::Backoff;
@@ -147,19 +149,6 @@ pub struct DeltaRound<T> {
 /// What the engine needs from the directory.
 #[async_trait]
 pub trait Directory: Send + Sync {
-    /// Every group whose display name is `name` (Entra names are not unique).
-    async fn groups_by_name(&self, name: &str) -> Result<Vec<DirGroup>, DirectoryError>;
-    /// The group with this object id, or `None` when it does not exist.
-    async fn group(&self, id: &Guid) -> Result<Option<DirGroup>, DirectoryError>;
-    /// Every user who is a member of the group directly or through nested groups, each once.
-    async fn transitive_users(&self, group_id: &str) -> Result<Vec<DirUser>, DirectoryError>;
-    /// The group's direct members: users and groups.
-    async fn direct_members(
-        &self,
-        group_id: &str,
-    ) -> Result<(Vec<DirUser>, Vec<DirGroup>), DirectoryError>;
-    /// Every group nested in the group, at any depth, each once.
-    async fn transitive_groups(&self, group_id: &str) -> Result<Vec<DirGroup>, DirectoryError>;
     /// One `/groups/delta?$select=displayName,members` round: from the start when `link` is
     /// `None`, else from a stored deltaLink. An expired or unknown link (410 Gone, or
     /// `syncStateNotFound`) is [`DirectoryError::DeltaExpired`]: start again from `None`.
@@ -203,9 +192,6 @@ pub struct GraphClient {
     calls: AtomicU64,
 }
 
-/// Graph's page size ceiling for member listings.
-const PAGE_SIZE: &str = "999";
-const USER_FIELDS: &str = "id,userPrincipalName,displayName,accountEnabled";
 /// Delta pages are sized by `Prefer: odata.maxpagesize` (delta ignores `$top`); Graph caps the
 /// value itself (200 objects), so asking for the listing ceiling just means "as large as allowed".
 const DELTA_PREFER: &str = "odata.maxpagesize=999";
@@ -222,13 +208,6 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(300);
 struct TokenResponse {
     access_token: String,
     expires_in: u64,
-}
-
-#[derive(Deserialize)]
-struct Page<T> {
-    value: Vec<T>,
-    #[serde(rename = "@odata.nextLink")]
-    next_link: Option<String>,
 }
 
 /// One page of a delta round: `value` plus exactly one of the two links.
@@ -273,22 +252,6 @@ struct DeltaUser {
     #[serde(rename = "@removed")]
     removed: Option<serde::de::IgnoredAny>,
     user_principal_name: Option<String>,
-    display_name: Option<String>,
-    account_enabled: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct GraphGroup {
-    id: String,
-    display_name: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct GraphUser {
-    id: String,
-    user_principal_name: String,
     display_name: Option<String>,
     account_enabled: Option<bool>,
 }
@@ -403,24 +366,6 @@ impl GraphClient {
         }
     }
 
-    /// GETs a Graph URL as JSON, with the bearer token (refreshed once on 401); `None` on 404.
-    async fn get<T: serde::de::DeserializeOwned>(
-        &self,
-        url: &Url,
-        what: &str,
-        advanced: bool,
-    ) -> Result<Option<T>, DirectoryError> {
-        let headers: &[(&str, &str)] = if advanced {
-            &[("ConsistencyLevel", "eventual")]
-        } else {
-            &[]
-        };
-        match self.get_json(url, what, headers).await {
-            Err(DirectoryError::Http { status: 404, .. }) => Ok(None),
-            other => other.map(Some),
-        }
-    }
-
     /// GETs a Graph URL as JSON with extra request headers, with the bearer token (refreshed
     /// once on 401). Any non-success answer, 404 included, is [`DirectoryError::Http`].
     async fn get_json<T: serde::de::DeserializeOwned>(
@@ -517,38 +462,6 @@ impl GraphClient {
         }
     }
 
-    /// Reads every page of a collection, following `@odata.nextLink` to the end.
-    async fn get_all<T: serde::de::DeserializeOwned>(
-        &self,
-        first: Url,
-        what: &str,
-        advanced: bool,
-    ) -> Result<Option<Vec<T>>, DirectoryError> {
-        let mut out = Vec::new();
-        let mut next = Some(first);
-        let mut page_no = 0;
-        while let Some(url) = next.take() {
-            page_no += 1;
-            let page_what = format!("{what} page {page_no}");
-            let Some(page) = self.get::<Page<T>>(&url, &page_what, advanced).await? else {
-                if page_no == 1 {
-                    return Ok(None);
-                }
-                return Err(DirectoryError::Http {
-                    what: page_what,
-                    status: 404,
-                    code: None,
-                    message: "a later page disappeared while paging".into(),
-                });
-            };
-            out.extend(page.value);
-            if let Some(link) = page.next_link {
-                next = Some(self.checked_link(&link, &page_what, "@odata.nextLink")?);
-            }
-        }
-        Ok(Some(out))
-    }
-
     /// A link Graph sent (or one stored from it), `label`led in errors, must point back at the
     /// configured Graph origin before it is followed: the bearer token goes with it. Errors
     /// name the origin only, never the path or query (which carry paging and delta tokens).
@@ -585,115 +498,6 @@ impl GraphClient {
 
 #[async_trait]
 impl Directory for GraphClient {
-    async fn groups_by_name(&self, name: &str) -> Result<Vec<DirGroup>, DirectoryError> {
-        let filter = format!("displayName eq '{}'", name.replace('\'', "''"));
-        let url = self.url(
-            "/groups",
-            &[("$filter", &filter), ("$select", "id,displayName")],
-        );
-        let groups: Vec<GraphGroup> = self
-            .get_all(url, "GET /groups?$filter=displayName", false)
-            .await?
-            .unwrap_or_default();
-        Ok(groups.into_iter().map(into_group).collect())
-    }
-
-    async fn group(&self, id: &Guid) -> Result<Option<DirGroup>, DirectoryError> {
-        let url = self.url(&format!("/groups/{id}"), &[("$select", "id,displayName")]);
-        let g: Option<GraphGroup> = self.get(&url, &format!("GET /groups/{id}"), false).await?;
-        Ok(g.map(into_group))
-    }
-
-    async fn transitive_users(&self, group_id: &str) -> Result<Vec<DirUser>, DirectoryError> {
-        let path = format!("/groups/{group_id}/transitiveMembers/microsoft.graph.user");
-        let url = self.url(
-            &path,
-            &[
-                ("$select", USER_FIELDS),
-                ("$top", PAGE_SIZE),
-                ("$count", "true"),
-            ],
-        );
-        let what = format!("GET /groups/{group_id}/transitiveMembers");
-        let users: Vec<GraphUser> =
-            self.get_all(url, &what, true)
-                .await?
-                .ok_or_else(|| DirectoryError::Http {
-                    what: what.clone(),
-                    status: 404,
-                    code: Some("Request_ResourceNotFound".into()),
-                    message: format!("group {group_id} does not exist"),
-                })?;
-        let mut seen = std::collections::BTreeSet::new();
-        Ok(users
-            .into_iter()
-            .filter(|u| seen.insert(u.id.clone()))
-            .map(|u| DirUser {
-                display_name: u.display_name.unwrap_or_default(),
-                account_enabled: u.account_enabled.unwrap_or(true),
-                id: u.id,
-                user_principal_name: u.user_principal_name,
-            })
-            .collect())
-    }
-
-    async fn direct_members(
-        &self,
-        group_id: &str,
-    ) -> Result<(Vec<DirUser>, Vec<DirGroup>), DirectoryError> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Member {
-            #[serde(rename = "@odata.type")]
-            odata_type: String,
-            id: String,
-            display_name: Option<String>,
-            user_principal_name: Option<String>,
-            account_enabled: Option<bool>,
-        }
-        let url = self.url(
-            &format!("/groups/{group_id}/members"),
-            &[
-                ("$select", "id,displayName,userPrincipalName,accountEnabled"),
-                ("$top", PAGE_SIZE),
-            ],
-        );
-        let what = format!("GET /groups/{group_id}/members");
-        let members: Vec<Member> = self.get_all(url, &what, false).await?.unwrap_or_default();
-        let (mut users, mut groups) = (Vec::new(), Vec::new());
-        for m in members {
-            match m.odata_type.as_str() {
-                "#microsoft.graph.user" => users.push(DirUser {
-                    user_principal_name: m.user_principal_name.unwrap_or_default(),
-                    display_name: m.display_name.unwrap_or_default(),
-                    account_enabled: m.account_enabled.unwrap_or(true),
-                    id: m.id,
-                }),
-                "#microsoft.graph.group" => groups.push(DirGroup {
-                    display_name: m.display_name.unwrap_or_default(),
-                    id: m.id,
-                }),
-                _ => {}
-            }
-        }
-        Ok((users, groups))
-    }
-
-    async fn transitive_groups(&self, group_id: &str) -> Result<Vec<DirGroup>, DirectoryError> {
-        let path = format!("/groups/{group_id}/transitiveMembers/microsoft.graph.group");
-        let url = self.url(
-            &path,
-            &[
-                ("$select", "id,displayName"),
-                ("$top", PAGE_SIZE),
-                ("$count", "true"),
-            ],
-        );
-        let what = format!("GET /groups/{group_id}/transitiveMembers/microsoft.graph.group");
-        let groups: Vec<GraphGroup> = self.get_all(url, &what, true).await?.unwrap_or_default();
-        Ok(groups.into_iter().map(into_group).collect())
-    }
-
     async fn groups_delta(
         &self,
         link: Option<&str>,
@@ -799,13 +603,6 @@ fn redact_paging_tokens(message: String, url: &Url) -> String {
                 && !v.is_empty()
         })
         .fold(message, |m, (_, v)| m.replace(v.as_ref(), "…"))
-}
-
-fn into_group(g: GraphGroup) -> DirGroup {
-    DirGroup {
-        display_name: g.display_name.unwrap_or_default(),
-        id: g.id,
-    }
 }
 
 fn is_transient(status: StatusCode) -> bool {

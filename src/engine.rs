@@ -491,7 +491,8 @@ impl Engine {
         };
         let carried_keys: BTreeSet<Key<'_>> =
             carried.iter().flat_map(|p| &p.creates).map(key).collect();
-        let to_read = pairs_to_read(&g.rules, &owned, &seen, &carried_keys, &observed, slice);
+        let desired = desired_keys(&g.rules);
+        let to_read = pairs_to_read(&desired, &owned, &seen, &carried_keys, &observed, slice);
         let believed: Vec<&Assignment> = owned
             .iter()
             .filter(|(_, o)| !o.pending)
@@ -564,7 +565,7 @@ impl Engine {
             }
             self.record_sources(&g, &sources, req.allow_deletions.is_some())
                 .await;
-            self.record_seen(&g.rules, &actual, &owned, &seen, &to_read, full)
+            self.record_seen(&desired, &actual, &owned, &seen, &to_read, full)
                 .await;
             if full && (audit_due || req.full_read) {
                 if let Err(e) = self.state.put_audit_cursor(now).await {
@@ -715,14 +716,13 @@ impl Engine {
     /// any more. A failure is logged: the next run reads those pairs again.
     async fn record_seen(
         &self,
-        rules: &[ResolvedRule],
+        desired: &BTreeSet<Key<'_>>,
         actual: &BTreeSet<Assignment>,
         owned: &BTreeMap<Assignment, Owned>,
         seen: &BTreeSet<Assignment>,
         read: &Observation,
         full: bool,
     ) {
-        let desired = desired_keys(rules);
         let is_desired = |a: &Assignment| desired.contains(&key(a));
         let now: BTreeSet<&Assignment> = actual
             .iter()
@@ -1022,7 +1022,12 @@ impl Engine {
         let mut known = self.known_principals(config, trust).await?;
         let before = known.clone();
         let store_groups = self
-            .find_principals(Kind::Group, wanted_groups, &mut known.groups)
+            .find_principals(
+                Kind::Group,
+                wanted_groups,
+                &mut known.groups,
+                &mut known.groups_in_store,
+            )
             .await?;
         let wanted_users: BTreeSet<Wanted> = members
             .values()
@@ -1034,7 +1039,12 @@ impl Engine {
             })
             .collect();
         let store_users = self
-            .find_principals(Kind::User, wanted_users, &mut known.users)
+            .find_principals(
+                Kind::User,
+                wanted_users,
+                &mut known.users,
+                &mut known.users_in_store,
+            )
             .await?;
         if trust.keep && known != before {
             cache::store(self.state.as_ref(), cache::PRINCIPALS, &known, trust.now).await;
@@ -1242,17 +1252,23 @@ impl Engine {
 
     /// Identity-store ids for Entra objects, in about the fewer calls of listing and look-ups.
     /// Objects `known` holds are taken from it; the rest are resolved and added to it.
+    /// `in_store` is the store's size when a listing counted it, and is updated when one does.
     async fn find_principals(
         &self,
         kind: Kind,
         wanted: BTreeSet<Wanted>,
         known: &mut BTreeMap<String, String>,
+        in_store: &mut Option<usize>,
     ) -> Result<BTreeMap<String, String>, EngineError> {
         let (hits, misses): (Vec<Wanted>, Vec<Wanted>) = wanted
             .into_iter()
             .partition(|w| known.contains_key(&w.entra_id));
-        let mut found =
-            identity::resolve(self.identity.as_ref(), kind, &misses, known.len()).await?;
+        let at_least = in_store.unwrap_or(0).max(known.len());
+        let resolution = identity::resolve(self.identity.as_ref(), kind, &misses, at_least).await?;
+        if resolution.store_size.is_some() {
+            *in_store = resolution.store_size;
+        }
+        let mut found = resolution.ids;
         known.extend(found.iter().map(|(k, v)| (k.clone(), v.clone())));
         for w in hits {
             if let Some(id) = known.get(&w.entra_id) {
@@ -1608,9 +1624,7 @@ impl AuditSlice {
     }
 }
 
-/// A pair's fixed place in [0, 1): FNV-1a of its text, so every run and every process agrees,
-/// then SplitMix64's finaliser, since FNV's high bits cluster for texts that differ only at
-/// the end (as account ids and permission set ARNs do) and a slice would read unevenly.
+/// A pair's fixed place in [0, 1): FNV-1a of its text, so every run and every process agrees.
 fn position(account: &AccountId, permission_set_arn: &str) -> f64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in account
@@ -1622,9 +1636,6 @@ fn position(account: &AccountId, permission_set_arn: &str) -> f64 {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^= h >> 31;
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -1633,7 +1644,7 @@ fn position(account: &AccountId, permission_set_arn: &str) -> f64 {
 /// one no rule wants; a pending intent) and the audit's slice. Every change is thus decided on a fresh read; only pairs
 /// where the state table says there is nothing to do are trusted.
 fn pairs_to_read(
-    rules: &[ResolvedRule],
+    desired: &BTreeSet<Key<'_>>,
     owned: &BTreeMap<Assignment, Owned>,
     seen: &BTreeSet<Assignment>,
     carried: &BTreeSet<Key<'_>>,
@@ -1646,7 +1657,6 @@ fn pairs_to_read(
         .map(|(a, _)| key(a))
         .chain(seen.iter().map(key))
         .collect();
-    let desired = desired_keys(rules);
     let mut read: BTreeSet<(&str, &str)> = desired
         .iter()
         .filter(|k| !believed.contains(*k) && !carried.contains(*k))
@@ -1965,7 +1975,7 @@ mod tests {
         let seen = BTreeSet::from([asg(5, "u")]);
         let none = BTreeSet::new();
         let read = pairs_to_read(
-            &rules,
+            &desired_keys(&rules),
             &ledger,
             &seen,
             &none,
@@ -1974,7 +1984,7 @@ mod tests {
         );
         assert_eq!(read, pairs([2, 3, 4]));
         let all = pairs_to_read(
-            &rules,
+            &desired_keys(&rules),
             &ledger,
             &seen,
             &none,
@@ -1986,7 +1996,7 @@ mod tests {
         let carried = asg(2, "u");
         let carried = BTreeSet::from([key(&carried)]);
         let read = pairs_to_read(
-            &rules,
+            &desired_keys(&rules),
             &ledger,
             &seen,
             &carried,

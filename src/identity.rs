@@ -346,16 +346,16 @@ pub struct Wanted {
 /// for more pages than there are objects to find; if it has more, the objects not yet matched
 /// are looked up by name (the SCIM issuer that an external-id look-up needs is not
 /// documented). So the cost is at most twice the cheaper strategy's, and the listing's when
-/// the store is small. `known_size` is how many objects the store is already known to hold
-/// (the principal cache's count): when listing them would take more pages than there are
-/// objects to find, they are looked up straight away. Objects not found are absent from the
-/// map.
+/// the store is small. `known_size` is how many objects the store is known to hold at least
+/// (its size from an earlier listing to the end, or the principal cache's count): when listing
+/// them would take more pages than there are objects to find, they are looked up straight
+/// away. Objects not found are absent from the map.
 pub async fn resolve(
     store: &dyn IdentityStore,
     kind: Kind,
     wanted: &[Wanted],
     known_size: usize,
-) -> Result<BTreeMap<String, String>, AwsError> {
+) -> Result<Resolution, AwsError> {
     let by_entra: BTreeMap<&str, &Wanted> =
         wanted.iter().map(|w| (w.entra_id.as_str(), w)).collect();
     let mut by_name: BTreeMap<String, Vec<&str>> = BTreeMap::new();
@@ -368,9 +368,12 @@ pub async fn resolve(
     let (mut by_external_id, mut by_store_name) = (BTreeMap::new(), BTreeMap::new());
     let (mut token, mut listed, mut complete) = (None, 0, wanted.is_empty());
     let listing_pays = known_size.div_ceil(LIST_PAGE) < wanted.len();
+    let (mut entries_seen, mut to_the_end) = (0, false);
     while listing_pays && !complete && listed < wanted.len() {
         let (entries, next) = store.list_page(kind, token.take()).await?;
         listed += 1;
+        entries_seen += entries.len();
+        to_the_end = next.is_none();
         for e in entries {
             for x in &e.external_ids {
                 if by_entra.contains_key(x.as_str()) {
@@ -401,7 +404,19 @@ pub async fn resolve(
             found.insert(w.entra_id.clone(), id);
         }
     }
-    Ok(found)
+    Ok(Resolution {
+        ids: found,
+        store_size: to_the_end.then_some(entries_seen),
+    })
+}
+
+/// What [`resolve`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// Identity-store ids by Entra object id.
+    pub ids: BTreeMap<String, String>,
+    /// How many objects the store holds, when the listing went to its end.
+    pub store_size: Option<usize>,
 }
 
 /// Objects per `ListUsers` / `ListGroups` page.
@@ -513,7 +528,7 @@ mod tests {
             wanted("e3", "carol@x"),
             wanted("e4", "nobody@x"),
         ];
-        let got = resolve(&s, Kind::User, &want, 0).await.unwrap();
+        let got = resolve(&s, Kind::User, &want, 0).await.unwrap().ids;
         assert_eq!(got.get("e1").map(String::as_str), Some("u-alice"));
         assert_eq!(
             got.get("e3").map(String::as_str),
@@ -535,10 +550,28 @@ mod tests {
             .collect();
         let s = store(users);
         let want = [wanted("e0", "user0@x"), wanted("e9", "user9@x")];
-        let got = resolve(&s, Kind::User, &want, 0).await.unwrap();
+        let got = resolve(&s, Kind::User, &want, 0).await.unwrap().ids;
         assert_eq!(got.get("e0").map(String::as_str), Some("u-0"));
         assert_eq!(got.get("e9").map(String::as_str), Some("u-9"));
         assert_eq!(*s.calls.lock().unwrap(), vec!["list", "list", "find"]);
+    }
+
+    #[tokio::test]
+    async fn a_listing_to_the_end_counts_the_store_and_one_cut_short_does_not() {
+        let users = (0..4)
+            .map(|i| entry(&format!("u-{i}"), &format!("user{i}@x"), &[]))
+            .collect();
+        let s = store(users);
+        let want = [
+            wanted("e1", "user1@x"),
+            wanted("e3", "user3@x"),
+            wanted("e9", "nobody@x"),
+        ];
+        let r = resolve(&s, Kind::User, &want, 0).await.unwrap();
+        assert_eq!((r.ids.len(), r.store_size), (2, Some(4)));
+        // One wanted object: one page listed, the rest looked up; the size stays unknown.
+        let r = resolve(&s, Kind::User, &want[..1], 0).await.unwrap();
+        assert_eq!((r.ids.len(), r.store_size), (1, None));
     }
 
     #[tokio::test]
@@ -549,7 +582,7 @@ mod tests {
         let s = store(users);
         let want = [wanted("e3", "user3@x")];
         // The cache knows 150 objects: two pages, more than the one object to find.
-        let got = resolve(&s, Kind::User, &want, 150).await.unwrap();
+        let got = resolve(&s, Kind::User, &want, 150).await.unwrap().ids;
         assert_eq!(got.get("e3").map(String::as_str), Some("u-3"));
         assert_eq!(*s.calls.lock().unwrap(), vec!["find"]);
     }
@@ -571,10 +604,14 @@ mod tests {
             wanted("e1", "user1@x"),
             wanted("e2", "user2@x"),
         ];
-        let got = resolve(&s, Kind::User, &want, 0).await.unwrap();
+        let got = resolve(&s, Kind::User, &want, 0).await.unwrap().ids;
         assert_eq!(got.len(), 3);
         assert_eq!(*s.calls.lock().unwrap(), vec!["list", "list"]);
-        assert!(resolve(&s, Kind::User, &[], 0).await.unwrap().is_empty());
+        assert!(resolve(&s, Kind::User, &[], 0)
+            .await
+            .unwrap()
+            .ids
+            .is_empty());
         assert_eq!(
             s.calls.lock().unwrap().len(),
             2,
