@@ -1003,7 +1003,7 @@ impl Engine {
                     tracing::info!(
                         group = g.display_name,
                         members = users.len(),
-                        "read transitive members"
+                        "transitive members from the replica"
                     );
                     members.insert(g.id.clone(), users);
                 }
