@@ -586,6 +586,63 @@ mod tests {
             .contains("version 9"));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn sync_follows_links_and_starts_over_when_graph_expires_them() {
+        use crate::fakes::{FakeDirectory, Tenant, TenantGroup};
+        let mut t = Tenant::default();
+        for (id, upn) in [("u1", "a@x"), ("u2", "b@x")] {
+            t.users.insert(
+                id.into(),
+                DirUser {
+                    id: id.into(),
+                    user_principal_name: upn.into(),
+                    display_name: upn.into(),
+                    account_enabled: true,
+                },
+            );
+        }
+        t.groups.insert(
+            "top".into(),
+            TenantGroup {
+                display_name: "Top".into(),
+                members: ["u1".to_string(), "inner".to_string()].into(),
+            },
+        );
+        t.groups.insert(
+            "inner".into(),
+            TenantGroup {
+                display_name: "Inner".into(),
+                members: ["u2".to_string()].into(),
+            },
+        );
+        let graph = FakeDirectory::new(FakeDirectory::production_settings(), t);
+
+        let (first, summary) = sync(&graph, None, 100).await.unwrap();
+        assert_eq!(summary.full_reads.len(), 2, "{summary:?}");
+        assert_eq!(ids(first.transitive_users("top"), |u| &u.id), ["u1", "u2"]);
+
+        // Nothing changed: nothing to write back.
+        let (quiet, summary) = sync(&graph, Some(first.clone()), 200).await.unwrap();
+        assert!(!summary.changed(), "{summary:?}");
+        assert_eq!(quiet.transitive_users("top"), first.transitive_users("top"));
+
+        // u2 leaves the nested group: the closure loses it.
+        graph.with_tenant(|t| t.groups.get_mut("inner").unwrap().members.clear());
+        let (after, summary) = sync(&graph, Some(quiet), 300).await.unwrap();
+        assert_eq!(summary.group_changes, 1);
+        assert_eq!(ids(after.transitive_users("top"), |u| &u.id), ["u1"]);
+
+        // Graph forgets the links: both streams are read again, to the same answer.
+        graph.expire_delta_links();
+        let (again, summary) = sync(&graph, Some(after.clone()), 400).await.unwrap();
+        assert_eq!(
+            summary.full_reads,
+            ["groups: delta link expired", "users: delta link expired"]
+        );
+        assert_eq!(again.transitive_users("top"), after.transitive_users("top"));
+        assert_eq!(again.group_stream.full_at, 400);
+    }
+
     #[test]
     fn streams_read_from_the_start_without_a_link_or_after_a_day() {
         let none = Stream::default();

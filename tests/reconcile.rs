@@ -358,3 +358,45 @@ async fn a_run_past_its_deadline_starts_nothing_more_and_the_next_run_continues(
     );
     assert_eq!(state.carried_plan().await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_cached_value_larger_than_an_item_is_stored_in_chunks_and_swapped_whole() {
+    use entra_sso_sync::state::Cached;
+    let s = Stack::new().await;
+    let config = s.config(DEVS_MEMBERS);
+    let state = s.engine(&config).await.state;
+    assert_eq!(state.cache("test").await.unwrap(), None);
+
+    // 1 MB: three chunks of at most 350 KB, each well under DynamoDB's 400 KB item limit.
+    let big = Cached {
+        written_at: 7,
+        bytes: (0..1_000_000u32).map(|i| (i % 251) as u8).collect(),
+    };
+    state.put_cache("test", &big).await.unwrap();
+    assert_eq!(state.cache("test").await.unwrap().as_ref(), Some(&big));
+
+    // A smaller value replaces it whole: no chunk of the old generation is left to mix in.
+    let small = Cached {
+        written_at: 8,
+        bytes: b"small".to_vec(),
+    };
+    state.put_cache("test", &small).await.unwrap();
+    assert_eq!(state.cache("test").await.unwrap().as_ref(), Some(&small));
+    let items = aws_sdk_dynamodb::Client::new(&s.account.sdk_config)
+        .query()
+        .table_name(TABLE)
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(
+            ":pk",
+            aws_sdk_dynamodb::types::AttributeValue::S("CACHE#test".into()),
+        )
+        .send()
+        .await
+        .unwrap()
+        .items
+        .unwrap_or_default();
+    assert_eq!(items.len(), 2, "the head and one chunk");
+
+    state.remove_cache("test").await.unwrap();
+    assert_eq!(state.cache("test").await.unwrap(), None);
+}
