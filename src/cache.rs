@@ -8,7 +8,6 @@
 //! A cache that cannot be read is ignored with a warning (the value is read afresh), and one
 //! that cannot be written leaves the next run to read afresh: neither fails a run.
 
-use crate::aws::AwsError;
 use crate::model::AccountId;
 use crate::scope::Organization;
 use crate::state::{Cached, StateStore};
@@ -79,18 +78,26 @@ pub struct Principals {
 
 /// The cached value `name` as JSON, with when it was written; `None` when there is none or it
 /// cannot be decoded (a warning: it is read afresh).
-pub async fn load<T: DeserializeOwned>(
-    state: &dyn StateStore,
-    name: &str,
-) -> Result<Option<(T, u64)>, AwsError> {
-    let Some(c) = state.cache(name).await? else {
-        return Ok(None);
-    };
+pub async fn load<T: DeserializeOwned>(state: &dyn StateStore, name: &str) -> Option<(T, u64)> {
+    let c = read(state, name).await?;
     match serde_json::from_slice(&c.bytes) {
-        Ok(v) => Ok(Some((v, c.written_at))),
+        Ok(v) => Some((v, c.written_at)),
         Err(e) => {
             tracing::warn!(cache = name, error = %e, "a cached value is unreadable; reading afresh");
-            Ok(None)
+            None
+        }
+    }
+}
+
+/// The cached value `name` as stored; `None` when there is none or it cannot be read (a
+/// warning: for example a chunk missing because a writer was swapping it), so the caller
+/// reads afresh.
+pub async fn read(state: &dyn StateStore, name: &str) -> Option<Cached> {
+    match state.cache(name).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(cache = name, error = %e, "a cached value could not be read; reading afresh");
+            None
         }
     }
 }

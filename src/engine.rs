@@ -392,7 +392,7 @@ impl Engine {
             matches!(&req.target, Target::Only { accounts, .. } if !accounts.is_empty());
         let now = self.state.now_epoch();
         let scopes = self.scopes(config, refresh.organization, keep, now).await?;
-        let tenant = self.tenant(keep && !req.full_read, req.full_read).await?;
+        let tenant = self.tenant(keep, req.full_read).await?;
         let groups = self.find_groups(config, &tenant)?;
         let permission_sets = self.permission_sets(config, keep).await?;
         let selected = self.select(
@@ -769,7 +769,7 @@ impl Engine {
         let cached = if afresh {
             None
         } else {
-            self.state.cache(tenant::CACHE_NAME).await?
+            cache::read(self.state.as_ref(), tenant::CACHE_NAME).await
         };
         let stored = match cached {
             Some(c) => match Replica::decode(&c.bytes, c.written_at) {
@@ -819,7 +819,7 @@ impl Engine {
         let max_age = u64::from(config.audit.every_minutes) * 60;
         if !refresh {
             if let Some((view, at)) =
-                cache::load::<OrgView>(self.state.as_ref(), cache::ORGANIZATION).await?
+                cache::load::<OrgView>(self.state.as_ref(), cache::ORGANIZATION).await
             {
                 if now.saturating_sub(at) < max_age && (view.with_tags || !with_tags) {
                     return expand_with(config, Some(&view));
@@ -1229,7 +1229,7 @@ impl Engine {
             // Names never change for an ARN, so only sets not seen before are described.
             let known: BTreeMap<String, String> =
                 cache::load(self.state.as_ref(), cache::PERMISSION_SETS)
-                    .await?
+                    .await
                     .map(|(k, _)| k)
                     .unwrap_or_default();
             for ps in self.sso.permission_sets(&known).await? {
@@ -1288,7 +1288,7 @@ impl Engine {
         let max_age = u64::from(config.audit.period_hours) * 3600;
         if !trust.refresh {
             if let Some((known, _)) =
-                cache::load::<Principals>(self.state.as_ref(), cache::PRINCIPALS).await?
+                cache::load::<Principals>(self.state.as_ref(), cache::PRINCIPALS).await
             {
                 if trust.now.saturating_sub(known.built_at) < max_age {
                     return Ok(known);

@@ -366,3 +366,31 @@ async fn quiet_runs_read_graph_by_delta_and_trust_their_caches_until_an_event() 
     assert_eq!(refreshed.outcome, Outcome::InSync);
     assert!(spent(&joined, &refreshed, "identitystore") > 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_cache_is_read_afresh_and_the_run_goes_on() {
+    fastrand::seed(11);
+    let fakes = fakes(SsoSettings::default());
+    let engine = with_quotas(fakes.engine(ApplySettings::default()));
+    let want = desired(0..100);
+    apply(&engine).await;
+    let names: Vec<String> = fakes
+        .state
+        .with_data(|d| d.caches.keys().cloned().collect());
+    assert!(names.contains(&"tenant".to_string()), "{names:?}");
+    fakes.state.with_data(|d| {
+        for c in d.caches.values_mut() {
+            c.bytes = b"{ not what was stored".to_vec();
+        }
+    });
+    let report = apply(&engine).await;
+    assert_eq!(report.outcome, Outcome::InSync, "{}", report.to_text());
+    assert!(report.creates.is_empty() && report.deletes.is_empty());
+    assert_eq!(fakes.sso.assignments(), want);
+    // Every cache was rebuilt from a fresh read and stored again.
+    fakes.state.with_data(|d| {
+        for (name, c) in &d.caches {
+            assert!(!c.bytes.starts_with(b"{ not"), "{name} was not rewritten");
+        }
+    });
+}
