@@ -1765,8 +1765,14 @@ pub struct StateData {
 const QUERY_PAGE_BYTES: usize = 1_000_000;
 const CACHE_CHUNK_BYTES: usize = 350_000;
 
-/// The state table in memory. Its clock (for lease expiry) is the wall-clock epoch when it was
-/// made plus the virtual time elapsed since, so leases expire under paused time.
+/// The fake state table's clock at its creation (seconds since the epoch, mid-January 2027): a
+/// fixed start, so what depends on the clock (the audit's slices, cache ages) is the same in
+/// every run of a test or the benchmark.
+pub const FAKE_EPOCH: u64 = 1_800_000_000;
+
+/// The state table in memory. Its clock (for lease expiry, the audit and cache ages) is
+/// [`FAKE_EPOCH`] plus the virtual time elapsed since it was made, so leases expire under
+/// paused time.
 pub struct FakeState {
     svc: Service,
     data: Mutex<StateData>,
@@ -1780,7 +1786,7 @@ impl FakeState {
         FakeState {
             svc: Service::new("dynamodb", "ThrottlingException", settings),
             data: Mutex::new(StateData::default()),
-            epoch0: crate::state::epoch_seconds(),
+            epoch0: FAKE_EPOCH,
             t0: Instant::now(),
         }
     }
