@@ -1916,24 +1916,6 @@ impl StateStore for FakeState {
         Ok(())
     }
 
-    async fn remove_cache(&self, name: &str) -> Result<(), AwsError> {
-        let existed = self
-            .svc
-            .aws("GetItem", || Ok(lock(&self.data).caches.remove(name)))
-            .await?;
-        if let Some(old) = existed {
-            self.svc.aws("DeleteItem", || Ok(())).await?;
-            self.svc
-                .aws_pages(
-                    "BatchWriteItem",
-                    pages(pages(old.bytes.len(), CACHE_CHUNK_BYTES), 25),
-                    || Ok(()),
-                )
-                .await?;
-        }
-        Ok(())
-    }
-
     async fn put_audit_cursor(&self, at: u64) -> Result<(), AwsError> {
         self.svc
             .aws("PutItem", || {

@@ -187,8 +187,6 @@ pub trait StateStore: Send + Sync {
     async fn cache(&self, name: &str) -> Result<Option<Cached>, AwsError>;
     /// Replaces the cached value `name` whole (readers see the old or the new one).
     async fn put_cache(&self, name: &str, value: &Cached) -> Result<(), AwsError>;
-    /// Forgets the cached value `name`, so the next run reads afresh.
-    async fn remove_cache(&self, name: &str) -> Result<(), AwsError>;
     /// The clock leases and the audit go by (seconds since the epoch).
     fn now_epoch(&self) -> u64 {
         epoch_seconds()
@@ -754,15 +752,6 @@ impl StateStore for DynamoState {
             .await
             .map_err(|e| AwsError::sdk(SERVICE, "PutItem", e))?;
         if let Some(old) = old {
-            self.delete_chunks(&pk, &old).await?;
-        }
-        Ok(())
-    }
-
-    async fn remove_cache(&self, name: &str) -> Result<(), AwsError> {
-        let pk = format!("{CACHE_PK}{name}");
-        if let Some(old) = self.cache_head(&pk).await? {
-            self.delete(&pk, CACHE_HEAD).await?;
             self.delete_chunks(&pk, &old).await?;
         }
         Ok(())
